@@ -1,0 +1,3 @@
+from pbt_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,472 @@
+"""The broker: parent sessions in, child sessions out, every task ending exactly once.
+
+::
+
+    client ──frames──▶ ClientConnection ──request──▶ Broker ──▶ Scheduler (sessions.py)
+      ▲   (server.py: Unix socket 0600,                │          per-session FIFO, limits,
+      │    optional TCP + AuthToken)                   │          round-robin across sessions
+      │                                                ▼
+      │                                        WorkerPool (pool.py) ──"run"──▶ worker process
+      │                                          fork, pipes, pidfd     ◀─"started"─ (workers/main.py)
+      │                                                │              ◀─"done"/"failed"─
+      │                                                ▼
+      └────── completed / failed / cancelled ◀── Broker ◀── Watchdog (watchdog.py)
+                  (exactly one per task)              timer per running task, RSS sampling;
+                                                      kills the worker's tree (proctree.py)
+
+Lifecycle:
+
+1. start: import codeunit modules, become child subreaper, fork ``Workers.Count`` workers
+   and wait until each has opened the database (one that cannot boot fails the start), then
+   listen on the Unix socket (and TCP if configured);
+2. accept: a connection says ``hello`` and becomes a parent session;
+3. enqueue: checked synchronously (queue full, unknown codeunit, page closed, bad
+   parameters, stopping); accepted tasks wait FIFO in their session;
+4. dispatch: an idle worker takes the next task, fairly across sessions;
+5. ack: the worker's ``started`` arms the task's timeout timer;
+6. outcome: ``done`` -> completed; ``failed`` -> failed; timer -> worker tree killed and
+   replaced, ``ChildSessionTaskTimeout``; worker death -> ``ChildSessionCrashed``; RSS over
+   ``MaxMemoryMB`` -> killed, ``ChildSessionMemoryLimit``; cancel (by id, record change, page
+   close, disconnect) -> a running worker is killed and replaced, no trigger;
+7. stop (SIGTERM, SIGINT): stop listening, cancel every task (``ServerShuttingDown``), tell
+   the clients, stop the workers, remove the socket.
+
+Every loop callback here is short and synchronous: the loop never waits on a pipe, a socket
+or the disk (logging goes through a queue to a thread, see logs.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Final
+
+from pbt_server import __version__, proctree
+from pbt_server.config import ServerConfig
+from pbt_server.errors import (
+    CANCELED_SHUTDOWN,
+    TASK_CRASHED,
+    TASK_MEMORY_LIMIT,
+    TASK_TIMEOUT,
+    TASK_TIMEOUT_TEXT,
+    AuthenticationFailed,
+    ProtocolError,
+    ServerShuttingDown,
+)
+from pbt_server.logs import BrokerLogging
+from pbt_server.pool import Worker, WorkerPool, WorkerState
+from pbt_server.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    ClosePage,
+    Enqueue,
+    Hello,
+    OpenPage,
+    Ping,
+    Request,
+    SetRecord,
+    Status,
+)
+from pbt_server.server import ClientConnection
+from pbt_server.sessions import Scheduler, Session, Task, TaskState
+from pbt_server.watchdog import Watchdog
+from workers.registry import load_modules
+
+BOOT_TIMEOUT: Final = 60.0
+STOP_GRACE: Final = 10.0
+RESULT_OVERHEAD: Final = 256  # a completed event's own fields around the results map
+
+log = logging.getLogger("pbt_server.broker")
+
+
+class Broker:
+    def __init__(self, config: ServerConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        limits = config.asynchronous_processing
+        self.codeunits = load_modules(config.codeunits.modules)
+        self.scheduler = Scheduler(
+            max_concurrency=limits.max_concurrency,
+            max_queue_length=limits.max_queue_length,
+            default_timeout_ms=limits.default_timeout_ms,
+            max_timeout_ms=limits.max_timeout_ms,
+            codeunits=self.codeunits,
+            clock=loop.time,
+        )
+        self.pool = WorkerPool(
+            loop,
+            self,
+            count=config.workers.count,
+            database_url=config.database.url,
+            max_result_bytes=config.server.max_frame_bytes - RESULT_OVERHEAD,
+            max_tasks_per_worker=config.workers.max_tasks_per_worker,
+        )
+        self.watchdog = Watchdog(
+            loop,
+            max_memory_mb=config.workers.max_memory_mb,
+            on_timeout=self._task_timed_out,
+            on_memory=self._memory_exceeded,
+            workers=self.pool.workers,
+        )
+        self.connections: dict[int, ClientConnection] = {}  # by session id
+        self.servers: list[asyncio.Server] = []
+        self.started = time.monotonic()
+        self.stopping = False
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        proctree.become_subreaper()
+        try:
+            await self.pool.start(BOOT_TIMEOUT)
+            await self._listen()
+        except Exception:
+            await self.pool.stop(STOP_GRACE)
+            raise
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._on_signal, signum)
+        log.info(
+            "pbt-server %s ready: %d workers, socket %s%s",
+            __version__,
+            self.pool.count,
+            self.config.server.socket_path,
+            f", tcp {self._tcp_text()}" if self.config.server.tcp_address else "",
+        )
+        await self._stop.wait()
+        await self._shutdown()
+        return self.exit_code
+
+    def _on_signal(self, signum: int) -> None:
+        # Only record; the loop does the work (handlers must not act, STYLE.md).
+        self.loop.call_soon(self.stop, f"{signal.Signals(signum).name} received")
+
+    def stop(self, why: str, exit_code: int = 0) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: %s", why)
+            self.exit_code = exit_code
+            self._stop.set()
+
+    async def _listen(self) -> None:
+        server = self.config.server
+        path = server.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_socket(path)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+        try:
+            unix = await self.loop.create_unix_server(
+                lambda: ClientConnection(self, max_frame=server.max_frame_bytes, tcp=False),
+                str(path),
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self.servers.append(unix)
+        if server.tcp_address is not None:
+            host, port = server.tcp_address
+            tcp = await self.loop.create_server(
+                lambda: ClientConnection(self, max_frame=server.max_frame_bytes, tcp=True),
+                host,
+                port,
+            )
+            for sock in tcp.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.servers.append(tcp)
+
+    def _tcp_text(self) -> str:
+        address = self.config.server.tcp_address
+        return f"{address[0]}:{address[1]}" if address else ""
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        for connection in list(self.connections.values()):
+            session = self.scheduler.sessions.get(connection.session_id)
+            if session is not None:
+                self._cancelled(self.scheduler.close_session(session), code=CANCELED_SHUTDOWN)
+            connection.send(
+                {"op": "shutdown", "code": ServerShuttingDown.code, "text": "the server is stopping"}
+            )
+            connection.close()
+        self.watchdog.stop()
+        await self.pool.stop(STOP_GRACE)
+        for server in self.servers:
+            await server.wait_closed()
+        try:
+            self.config.server.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        log.info("stopped")
+
+    # --- requests (server.RequestHandler) -------------------------------------------------
+
+    def handle_request(self, connection: ClientConnection, request: Request) -> dict[str, object]:
+        session = self.scheduler.sessions.get(connection.session_id)
+        if isinstance(request, Hello):
+            return self._hello(connection, request)
+        assert session is not None
+        if isinstance(request, Enqueue):
+            return self._enqueue(session, request)
+        if isinstance(request, Cancel):
+            task = self.scheduler.cancel(session, request.task)
+            if task is not None:
+                self._cancelled([task])
+            return {"cancelled": task is not None}
+        if isinstance(request, OpenPage):
+            page = self.scheduler.open_page(session, request.name, request.record)
+            return {"page": page.id}
+        if isinstance(request, SetRecord):
+            tasks = self.scheduler.set_record(session, request.page, request.record)
+            return {"cancelled": self._cancelled(tasks)}
+        if isinstance(request, ClosePage):
+            tasks = self.scheduler.close_page(session, request.page)
+            return {"cancelled": self._cancelled(tasks)}
+        if isinstance(request, Ping):
+            return {}
+        if isinstance(request, Status):
+            return self.status()
+        raise ProtocolError(f"unhandled op {request.op!r}")
+
+    def _hello(self, connection: ClientConnection, hello: Hello) -> dict[str, object]:
+        if connection.session_id:
+            raise ProtocolError("hello sent twice")
+        if hello.protocol != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {hello.protocol} is not supported (server speaks {PROTOCOL_VERSION})"
+            )
+        expected = self.config.server.auth_token
+        # Constant-time: the comparison must not tell an attacker how much of a guess is right.
+        if connection.tcp and not hmac.compare_digest(
+            hello.token.encode("utf-8"), expected.encode("utf-8")
+        ):
+            raise AuthenticationFailed("wrong or missing AuthToken")
+        if self.stopping:
+            raise ServerShuttingDown("the server is stopping")
+        session = self.scheduler.open_session()
+        connection.session_id = session.id
+        self.connections[session.id] = connection
+        log.debug("session %d opened (%s)", session.id, connection.peer)
+        return {"session": session.id, "server": __version__}
+
+    def _enqueue(self, session: Session, request: Enqueue) -> dict[str, object]:
+        if self.stopping:
+            raise ServerShuttingDown("the server is stopping")
+        task = self.scheduler.enqueue(
+            session,
+            request.page,
+            request.codeunit,
+            request.parameters,
+            request.timeout,
+            request.level,
+        )
+        log.debug(
+            "task s%d/t%d enqueued: codeunit %d, timeout %d ms",
+            session.id,
+            task.id,
+            task.codeunit,
+            task.timeout_ms,
+        )
+        self._dispatch()
+        return {"task": task.id, "timeout": task.timeout_ms}
+
+    def connection_lost(self, connection: ClientConnection) -> None:
+        session = self.scheduler.sessions.get(connection.session_id)
+        self.connections.pop(connection.session_id, None)
+        if session is not None:
+            tasks = self.scheduler.close_session(session)
+            self._cancelled(tasks)
+            log.debug("session %d closed; %d task(s) cancelled", session.id, len(tasks))
+
+    # --- outcomes -------------------------------------------------------------------------
+
+    def _cancelled(self, tasks: list[Task], code: str | None = None) -> list[int]:
+        """Tell the pages, and free the workers of tasks that were already running."""
+        for task in tasks:
+            reason = code or task.cancel_reason
+            worker = self._worker_of(task)
+            if worker is not None:
+                worker.task = None
+                self.pool.kill(worker, f"task s{task.session.id}/t{task.id} cancelled")
+            log.info("task s%d/t%d cancelled (%s)", task.session.id, task.id, reason)
+            self._send(
+                task,
+                {"op": "cancelled", "code": reason, "text": f"the task was cancelled: {reason}"},
+            )
+        if tasks and not self.stopping:
+            self._dispatch()
+        return [task.id for task in tasks]
+
+    def _worker_of(self, task: Task) -> Worker | None:
+        for worker in self.pool.slots:
+            if worker is not None and worker.task is task:
+                return worker
+        return None
+
+    def _send(self, task: Task, event: dict[str, object]) -> None:
+        connection = self.connections.get(task.session.id)
+        if connection is not None:
+            event["task"] = task.id
+            event["page"] = task.page.id
+            connection.send(event)
+
+    def _fail(self, task: Task, code: str, text: str, stack: str = "") -> None:
+        self.scheduler.finish(task, TaskState.FAILED)
+        self._send(task, {"op": "failed", "code": code, "text": text, "stack": stack})
+
+    def _dispatch(self) -> None:
+        idle = self.pool.idle
+        while idle:
+            task = self.scheduler.next_task()
+            if task is None:
+                return
+            self.pool.assign(idle.popleft(), task)
+
+    # --- pool events (pool.PoolListener) --------------------------------------------------
+
+    def worker_idle(self, worker: Worker) -> None:
+        if not self.stopping:
+            self._dispatch()
+
+    def task_started(self, worker: Worker, task: Task) -> None:
+        self.scheduler.started(task)
+        assert task.started_at is not None
+        self.watchdog.arm(worker, task.started_at, task.timeout_ms)
+        log.debug("task s%d/t%d started in worker %d", task.session.id, task.id, worker.pid)
+
+    def task_done(self, worker: Worker, task: Task, results: dict[str, str]) -> None:
+        self.watchdog.disarm(worker)
+        self.scheduler.finish(task, TaskState.COMPLETED)
+        log.debug("task s%d/t%d completed", task.session.id, task.id)
+        self._send(task, {"op": "completed", "results": results})
+
+    def task_failed(self, worker: Worker, task: Task, code: str, text: str, stack: str) -> None:
+        self.watchdog.disarm(worker)
+        log.info("task s%d/t%d failed: %s: %.200s", task.session.id, task.id, code, text)
+        self._fail(task, code, text, stack)
+
+    def worker_crashed(self, worker: Worker, task: Task, how: str) -> None:
+        text = f"the child session's worker process {worker.pid} {how}"
+        log.warning("task s%d/t%d: %s", task.session.id, task.id, text)
+        self._fail(task, TASK_CRASHED, text)
+        self._dispatch()
+
+    def pool_broken(self, reason: str) -> None:
+        log.critical("worker pool broken: %s", reason)
+        self.stop(reason, exit_code=1)
+
+    # --- watchdog -------------------------------------------------------------------------
+
+    def _task_timed_out(self, worker: Worker) -> None:
+        task = worker.task
+        assert task is not None
+        worker.task = None
+        self.pool.kill(worker, f"task s{task.session.id}/t{task.id} timed out")
+        log.warning(
+            "task s%d/t%d timed out after %d ms; worker %d killed",
+            task.session.id,
+            task.id,
+            task.timeout_ms,
+            worker.pid,
+        )
+        self._fail(task, TASK_TIMEOUT, TASK_TIMEOUT_TEXT)
+        self._dispatch()
+
+    def _memory_exceeded(self, worker: Worker, rss: int) -> None:
+        task = worker.task
+        if task is None:
+            return
+        worker.task = None
+        self.pool.kill(worker, "memory limit")
+        limit = self.config.workers.max_memory_mb
+        text = (
+            f"the child session used {rss / 2**20:.0f} MB, over the limit of {limit} MB "
+            "(MaxMemoryMB); its worker was killed"
+        )
+        log.warning("task s%d/t%d: %s", task.session.id, task.id, text)
+        self._fail(task, TASK_MEMORY_LIMIT, text)
+        self._dispatch()
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        server = self.config.server
+        sessions = [
+            {"id": s.id, "pages": len(s.pages), "waiting": s.waiting, "running": s.running}
+            for s in self.scheduler.sessions.values()
+        ]
+        workers = []
+        for slot, worker in enumerate(self.pool.slots):
+            if worker is None:
+                workers.append(
+                    {"slot": slot, "pid": None, "state": "down", "rss": 0, "tasks_done": 0, "task": None}
+                )
+                continue
+            task = worker.task
+            workers.append(
+                {
+                    "slot": slot,
+                    "pid": worker.pid,
+                    "state": worker.state.value,
+                    "rss": worker.rss() if worker.state is not WorkerState.BOOTING else 0,
+                    "tasks_done": worker.tasks_done,
+                    "task": f"s{task.session.id}/t{task.id}" if task else None,
+                }
+            )
+        return {
+            "server": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "uptime": round(time.monotonic() - self.started, 3),
+                "socket": str(server.socket_path),
+                "tcp": self._tcp_text() or None,
+            },
+            "sessions": sessions,
+            "workers": workers,
+        }
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a dead server; refuse to steal a live one's."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # nobody listens: stale
+    else:
+        raise RuntimeError(f"another server is listening on {path}")
+    finally:
+        probe.close()
+
+
+def run_broker(config: ServerConfig, *, log_to_stderr: bool) -> int:
+    """Run a broker in the foreground until SIGTERM/SIGINT; return its exit code."""
+    logs = BrokerLogging(config.server.log_file, config.server.log_level, to_stderr=log_to_stderr)
+    try:
+        return asyncio.run(_main(config, logs))
+    except Exception as err:
+        log.critical("pbt-server failed: %s", err, exc_info=not isinstance(err, RuntimeError))
+        return 1
+    finally:
+        logs.close()
+
+
+async def _main(config: ServerConfig, logs: BrokerLogging) -> int:
+    broker = Broker(config, asyncio.get_running_loop())
+    broker.pool.log_handler = logs.worker_handler
+    return await broker.serve()

@@ -1,0 +1,444 @@
+"""The worker pool: fork, feed, watch, kill and replace worker processes.
+
+The only module that touches worker processes. Everything runs in the broker's event loop
+and never blocks it: pipes are non-blocking fds watched with ``add_reader``; a worker's death
+is seen through its pidfd (``Process.sentinel`` would wait for grandchildren that inherited
+it, package-notes §3.4) and classified from its exit status.
+
+Start method: **fork**, named here once. multiprocessing-logging works only with fork
+(package-notes §0.1); fork is also 50x cheaper than spawn, which keeps a replacement worker
+ready within a few ms of a kill. The hazards of forking from a running asyncio loop are
+handled by the worker's prologue (workers/main.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import multiprocessing
+import os
+import signal
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import psutil
+
+from pbt_server import proctree
+from pbt_server.protocol import pack, pipe_unpacker
+from workers.main import EXIT_BOOT_FAILURE, WorkerSpec, run_worker
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    import msgpack
+
+    from pbt_server.sessions import Task
+
+_MP: Final = multiprocessing.get_context("fork")
+BOOT_RETRY_LIMIT: Final = 5  # consecutive boot failures before the pool gives up
+BOOT_BACKOFF_MAX: Final = 10.0
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(enum.Enum):
+    BOOTING = "booting"
+    IDLE = "idle"
+    BUSY = "busy"
+    RETIRING = "retiring"  # job pipe closed; exits when it reads EOF
+    KILLED = "killed"  # SIGKILLed by us; waiting to be reaped
+    DEAD = "dead"
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    slot: int
+    gen: int
+    process: BaseProcess
+    pid: int
+    job_w: int
+    res_r: int
+    pidfd: int
+    unpacker: msgpack.Unpacker
+    state: WorkerState = WorkerState.BOOTING
+    task: Task | None = None
+    tasks_done: int = 0
+    pending: bytearray = field(default_factory=bytearray)  # job bytes the pipe did not take
+    timer: asyncio.TimerHandle | None = None
+    had_children: bool = False
+    _ps: psutil.Process | None = None
+
+    def rss(self) -> int:
+        """Resident memory in bytes (cached psutil handle: ~30 µs); 0 once gone."""
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+            return int(self._ps.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+
+class PoolListener(Protocol):
+    """What the pool reports to the broker."""
+
+    def worker_idle(self, worker: Worker) -> None: ...
+    def task_started(self, worker: Worker, task: Task) -> None: ...
+    def task_done(self, worker: Worker, task: Task, results: dict[str, str]) -> None: ...
+    def task_failed(self, worker: Worker, task: Task, code: str, text: str, stack: str) -> None: ...
+    def worker_crashed(self, worker: Worker, task: Task, how: str) -> None: ...
+    def pool_broken(self, reason: str) -> None: ...
+
+
+class WorkerPool:
+    """``count`` worker slots, each holding one live worker incarnation at a time."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listener: PoolListener,
+        *,
+        count: int,
+        database_url: str,
+        max_result_bytes: int,
+        max_tasks_per_worker: int,
+    ) -> None:
+        self.loop = loop
+        self.listener = listener
+        self.count = count
+        self.database_url = database_url
+        self.max_result_bytes = max_result_bytes
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.slots: list[Worker | None] = [None] * count
+        self.idle: deque[Worker] = deque()
+        self.others: set[Worker] = set()  # retiring or killed, not yet reaped
+        self.boot_failures = 0
+        self.last_boot_error = ""
+        self.stopping = False
+        self.log_handler: logging.Handler | None = None
+        self._gen = 0
+        self._ready_waiter: asyncio.Future[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, timeout: float) -> None:
+        """Fork every worker and wait until all are ready.
+
+        Raises:
+            RuntimeError: a worker could not boot (the message is the worker's reason).
+        """
+        self._ready_waiter = self.loop.create_future()
+        for slot in range(self.count):
+            self.spawn(slot)
+        try:
+            await asyncio.wait_for(self._ready_waiter, timeout)
+        except TimeoutError:
+            raise RuntimeError(f"workers did not become ready within {timeout:.0f} s") from None
+        finally:
+            self._ready_waiter = None
+
+    def spawn(self, slot: int) -> Worker:
+        job_r, job_w = os.pipe()
+        res_r, res_w = os.pipe()
+        os.set_blocking(job_w, False)
+        os.set_blocking(res_r, False)
+        self._gen += 1
+        spec = WorkerSpec(
+            slot=slot,
+            gen=self._gen,
+            job_r=job_r,
+            res_w=res_w,
+            close_fds=(job_w, res_r, *self._fds()),
+            broker_pid=os.getpid(),
+            database_url=self.database_url,
+            max_result_bytes=self.max_result_bytes,
+            log_handler=self.log_handler,
+        )
+        # daemon=True: if the broker ever exits without stopping us, multiprocessing's atexit
+        # terminates workers instead of joining them (a join would wait on our own pipes).
+        process = _MP.Process(target=run_worker, args=(spec,), name=f"pbt-worker-{slot}", daemon=True)
+        process.start()
+        os.close(job_r)
+        os.close(res_w)
+        pid = process.pid
+        assert pid is not None
+        try:
+            os.setpgid(pid, pid)  # both sides call it, so killpg works from the first instant
+        except OSError:
+            pass
+        worker = Worker(
+            slot, self._gen, process, pid, job_w, res_r, os.pidfd_open(pid), pipe_unpacker()
+        )
+        self.slots[slot] = worker
+        self.loop.add_reader(res_r, self._on_readable, worker)
+        self.loop.add_reader(worker.pidfd, self._on_exit, worker)
+        log.debug("worker %d (slot %d, gen %d) forked", pid, slot, worker.gen)
+        return worker
+
+    def _fds(self) -> list[int]:
+        """Every pipe end and pidfd of the live workers: a new worker must not hold them."""
+        fds: list[int] = []
+        for worker in self.workers():
+            fds += (worker.job_w, worker.res_r, worker.pidfd)
+        return fds
+
+    def workers(self) -> list[Worker]:
+        return [w for w in self.slots if w is not None] + list(self.others)
+
+    def pids(self) -> set[int]:
+        return {w.pid for w in self.workers()}
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    def assign(self, worker: Worker, task: Task) -> None:
+        assert worker.state is WorkerState.IDLE, worker.state
+        worker.state = WorkerState.BUSY  # IDLE -> BUSY
+        worker.task = task
+        self._send(
+            worker,
+            pack(
+                {
+                    "op": "run",
+                    "job": task.job,
+                    "codeunit": task.codeunit,
+                    "parameters": task.parameters,
+                    "task": task.id,
+                    "session": task.session.id,
+                    "record": task.record,
+                    "timeout": task.timeout_ms,
+                }
+            ),
+        )
+
+    def _send(self, worker: Worker, data: bytes) -> None:
+        if not worker.pending:
+            try:
+                written = os.write(worker.job_w, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the worker is gone; its pidfd reports how
+            if written == len(data):
+                return
+            data = data[written:]
+            self.loop.add_writer(worker.job_w, self._on_writable, worker)
+        worker.pending += data
+
+    def _on_writable(self, worker: Worker) -> None:
+        try:
+            written = os.write(worker.job_w, worker.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(worker.pending)
+        del worker.pending[:written]
+        if not worker.pending:
+            self.loop.remove_writer(worker.job_w)
+
+    def _on_readable(self, worker: Worker) -> None:
+        try:
+            data = os.read(worker.res_r, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(worker.res_r)  # EOF: the pidfd tells how it ended
+            return
+        worker.unpacker.feed(data)
+        for message in worker.unpacker:
+            self._handle(worker, message)
+
+    def _handle(self, worker: Worker, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if message.get("gen") != worker.gen or worker.state in (
+            WorkerState.KILLED,
+            WorkerState.DEAD,
+        ):
+            return  # a late word from an incarnation we already gave up on
+        if op == "ready":
+            worker.state = WorkerState.IDLE  # BOOTING -> IDLE
+            self.boot_failures = 0
+            self._check_all_ready()
+            self.idle.append(worker)
+            self.listener.worker_idle(worker)
+            return
+        if op == "boot_failed":
+            self.last_boot_error = str(message.get("text", ""))
+            return
+        task = worker.task
+        if task is None or message.get("job") != task.job:
+            log.warning("worker %d sent %r for job %r it is not running", worker.pid, op, message.get("job"))
+            return
+        if op == "started":
+            self.listener.task_started(worker, task)
+        elif op in ("done", "failed"):
+            worker.task = None
+            worker.tasks_done += 1
+            worker.state = WorkerState.IDLE  # BUSY -> IDLE
+            if op == "done":
+                self.listener.task_done(worker, task, message["results"])
+            else:
+                self.listener.task_failed(
+                    worker, task, message["code"], message["text"], message["stack"]
+                )
+            if worker.state is WorkerState.IDLE:  # the listener may have retired or killed it
+                if self.max_tasks_per_worker and worker.tasks_done >= self.max_tasks_per_worker:
+                    self.retire(worker)
+                else:
+                    self.idle.append(worker)
+                    self.listener.worker_idle(worker)
+
+    def _check_all_ready(self) -> None:
+        waiter = self._ready_waiter
+        if waiter is not None and not waiter.done():
+            if all(w is not None and w.state is not WorkerState.BOOTING for w in self.slots):
+                waiter.set_result(None)
+
+    # --- ending workers -------------------------------------------------------------------
+
+    def kill(self, worker: Worker, reason: str) -> None:
+        """SIGKILL the worker's whole tree now and put a fresh worker in its slot."""
+        if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
+            return
+        worker.had_children = bool(proctree.kill_tree(worker.pid)) or worker.had_children
+        self._detach(worker, WorkerState.KILLED)
+        log.info("worker %d killed (%s)", worker.pid, reason)
+        if not self.stopping:
+            self.spawn(worker.slot)
+
+    def retire(self, worker: Worker) -> None:
+        """Let an idle worker exit cleanly (its logs flush) and replace it."""
+        self._detach(worker, WorkerState.RETIRING)
+        log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
+        if not self.stopping:
+            self.spawn(worker.slot)
+
+    def _detach(self, worker: Worker, state: WorkerState) -> None:
+        """Take the worker out of its slot; it lives on in ``others`` until reaped."""
+        worker.state = state  # * -> KILLED | RETIRING
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        try:
+            self.idle.remove(worker)
+        except ValueError:
+            pass
+        if self.slots[worker.slot] is worker:
+            self.slots[worker.slot] = None
+        self.others.add(worker)
+        self._close_job_pipe(worker)
+
+    def _close_job_pipe(self, worker: Worker) -> None:
+        if worker.job_w >= 0:
+            if worker.pending:
+                self.loop.remove_writer(worker.job_w)
+                worker.pending.clear()
+            os.close(worker.job_w)
+            worker.job_w = -1
+
+    def _on_exit(self, worker: Worker) -> None:
+        """The pidfd says the worker's process has ended: reap it and find out how."""
+        self._on_readable_until_eof(worker)  # a result written just before death still counts
+        self.loop.remove_reader(worker.pidfd)
+        os.close(worker.pidfd)
+        # Reap through multiprocessing (one reaper per child, §3.2). Not join(0): that waits on
+        # the sentinel pipe, which a forked grandchild may still hold; the pidfd already said
+        # the process ended, so this waitpid returns at once.
+        worker.process.join()
+        code = worker.process.exitcode
+        self.loop.remove_reader(worker.res_r)
+        os.close(worker.res_r)
+        self._close_job_pipe(worker)
+        worker.process.close()
+        previous = worker.state
+        self._detach(worker, WorkerState.DEAD)
+        self.others.discard(worker)
+        worker.state = WorkerState.DEAD  # * -> DEAD
+        if worker.had_children or proctree.orphans(self.pids()):
+            self._reap_orphans_later()
+        if previous in (WorkerState.KILLED, WorkerState.RETIRING) or self.stopping:
+            return
+        how = describe_exit(code)
+        if previous is WorkerState.BOOTING:
+            self._boot_failed(worker, code, how)
+            return
+        log.error("worker %d died: %s", worker.pid, how)
+        self.spawn(worker.slot)
+        if worker.task is not None:
+            task, worker.task = worker.task, None
+            self.listener.worker_crashed(worker, task, how)
+
+    def _on_readable_until_eof(self, worker: Worker) -> None:
+        while worker.state not in (WorkerState.DEAD, WorkerState.KILLED):
+            try:
+                data = os.read(worker.res_r, 1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            worker.unpacker.feed(data)
+            for message in worker.unpacker:
+                self._handle(worker, message)
+
+    def _boot_failed(self, worker: Worker, code: int | None, how: str) -> None:
+        reason = self.last_boot_error or how
+        if code != EXIT_BOOT_FAILURE:
+            reason = f"{reason} ({how})" if self.last_boot_error else how
+        self.boot_failures += 1
+        waiter = self._ready_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(RuntimeError(f"worker failed to boot: {reason}"))
+            return
+        if self.boot_failures >= BOOT_RETRY_LIMIT:
+            self.listener.pool_broken(
+                f"{self.boot_failures} workers in a row failed to boot; last: {reason}"
+            )
+            return
+        delay = min(0.1 * 2**self.boot_failures, BOOT_BACKOFF_MAX)
+        log.error("worker failed to boot (%s); retrying in %.1f s", reason, delay)
+        self.loop.call_later(delay, self._respawn_if_empty, worker.slot)
+
+    def _respawn_if_empty(self, slot: int) -> None:
+        if not self.stopping and self.slots[slot] is None:
+            self.spawn(slot)
+
+    def _reap_orphans_later(self) -> None:
+        def reap(attempt: int) -> None:
+            if proctree.reap_orphans(self.pids()) and attempt < 50:
+                self.loop.call_later(0.02 * (attempt + 1), reap, attempt + 1)
+
+        self.loop.call_soon(reap, 0)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop every worker: idle ones exit on EOF; busy ones are killed."""
+        self.stopping = True
+        for worker in self.workers():
+            if worker.state is WorkerState.BUSY:
+                self.kill(worker, "server stopping")
+            elif worker.state in (WorkerState.IDLE, WorkerState.BOOTING):
+                self._detach(worker, WorkerState.RETIRING)
+        deadline = self.loop.time() + timeout
+        while self.others and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for worker in list(self.others):
+            self.kill(worker, "did not exit in time")
+        while self.others:
+            await asyncio.sleep(0.005)
+        proctree.reap_orphans(set())
+
+
+def describe_exit(code: int | None) -> str:
+    """Say how a worker ended: ``exit code 3`` or ``signal SIGSEGV``."""
+    if code is None:
+        return "unknown exit status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (possibly out of memory)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {code}"
+

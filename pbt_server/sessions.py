@@ -1,0 +1,331 @@
+"""Parent sessions, pages and tasks: the broker's bookkeeping, pure and synchronous.
+
+No processes, sockets or timers here (pebble's rule: bookkeeping apart from effects), so
+every decision is testable with plain objects and an injected clock.
+
+Scheduling (SPEC §3, bc-pbt-semantics §2.5, §9 #2-#4):
+
+- a session runs at most ``max_concurrency`` tasks at once; the rest wait FIFO;
+- ``max_queue_length`` counts *waiting* tasks only; one more fails with QueueFull;
+- free workers go to sessions round-robin: each session that can start a task is in the
+  ``_ready`` ring once; ``next_task`` takes one task from the session at the head and puts
+  the session at the back. A session with 100 waiting tasks and a session with one therefore
+  alternate, so the single task waits at most about one task's run time.
+
+Cancelling a waiting task only marks it (O(1)); ``next_task`` skips marked tasks when it
+reaches them, so neither enqueue nor cancel depends on how many tasks wait.
+
+Task states (every move happens in one method, named in a comment)::
+
+    WAITING --next_task--> STARTING --started--> RUNNING --finish--> COMPLETED | FAILED
+       |                      |                     |
+       +-------- cancel / set_record / close_page / close_session ----> CANCELLED
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass, field
+
+from pbt_server.errors import (
+    CANCELED_BY_ID,
+    CANCELED_PAGE_CLOSED,
+    CANCELED_RECORD_CHANGED,
+    CANCELED_SESSION_CLOSED,
+    InvalidParameters,
+    PageClosed,
+    PageNotFound,
+    QueueFull,
+    UnknownCodeunit,
+)
+from pbt_server.protocol import MAX_PARAMETERS
+
+
+class TaskState(enum.Enum):
+    WAITING = "waiting"
+    STARTING = "starting"  # sent to a worker, not yet acknowledged: the clock has not started
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in _ACTIVE
+
+
+_ACTIVE = frozenset({TaskState.WAITING, TaskState.STARTING, TaskState.RUNNING})
+ERROR_LEVELS = frozenset({"Ignore", "Warning", "Error"})
+
+
+@dataclass(eq=False, slots=True)
+class Task:
+    session: Session
+    page: Page
+    id: int
+    job: int  # unique over the broker's life; names the task on worker pipes
+    codeunit: int
+    parameters: dict[str, str]
+    timeout_ms: int
+    level: str
+    record: str
+    enqueued_at: float
+    state: TaskState = TaskState.WAITING
+    started_at: float | None = None
+    cancel_reason: str = ""
+
+    def __repr__(self) -> str:
+        return f"<Task s{self.session.id}/t{self.id} job={self.job} {self.state.value}>"
+
+
+@dataclass(eq=False, slots=True)
+class Page:
+    id: int
+    name: str
+    record: str
+    closed: bool = False
+    tasks: dict[int, Task] = field(default_factory=dict)  # active tasks only
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    id: int
+    pages: dict[int, Page] = field(default_factory=dict)
+    tasks: dict[int, Task] = field(default_factory=dict)  # active tasks only
+    queue: deque[Task] = field(default_factory=deque)  # WAITING, plus cancelled ones not yet skipped
+    waiting: int = 0
+    running: int = 0  # STARTING + RUNNING
+    last_task_id: int = 0
+    last_page_id: int = 0
+    closed: bool = False
+    in_ready: bool = False
+
+
+class Scheduler:
+    """All sessions of one broker, and the decisions about their tasks."""
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int,
+        max_queue_length: int,
+        default_timeout_ms: int,
+        max_timeout_ms: int,
+        codeunits: Container[int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue_length = max_queue_length
+        self.default_timeout_ms = default_timeout_ms
+        self.max_timeout_ms = max_timeout_ms
+        self.codeunits = codeunits
+        self.clock = clock
+        self.sessions: dict[int, Session] = {}
+        self._ready: deque[Session] = deque()
+        self._last_session_id = 0
+        self._last_job = 0
+
+    # --- sessions and pages ---------------------------------------------------------------
+
+    def open_session(self) -> Session:
+        self._last_session_id += 1
+        session = Session(self._last_session_id)
+        self.sessions[session.id] = session
+        return session
+
+    def close_session(self, session: Session) -> list[Task]:
+        """End the session; return its active tasks, now cancelled (bc-pbt §9 #19)."""
+        session.closed = True
+        self.sessions.pop(session.id, None)
+        cancelled = self._cancel_all(list(session.tasks.values()), CANCELED_SESSION_CLOSED)
+        session.queue.clear()
+        for page in session.pages.values():
+            page.closed = True
+        return cancelled
+
+    def open_page(self, session: Session, name: str, record: str) -> Page:
+        session.last_page_id += 1
+        page = Page(session.last_page_id, name, record)
+        session.pages[page.id] = page
+        return page
+
+    def set_record(self, session: Session, page_id: int, record: str) -> list[Task]:
+        """Move the page to ``record``; tasks enqueued under another record are cancelled."""
+        page = self._page(session, page_id)
+        if page.closed:
+            raise PageClosed(f"page {page_id} is closed")
+        page.record = record
+        stale = [task for task in page.tasks.values() if task.record != record]
+        return self._cancel_all(stale, CANCELED_RECORD_CHANGED)
+
+    def close_page(self, session: Session, page_id: int) -> list[Task]:
+        page = self._page(session, page_id)
+        if page.closed:
+            return []
+        page.closed = True
+        del session.pages[page_id]
+        return self._cancel_all(list(page.tasks.values()), CANCELED_PAGE_CLOSED)
+
+    def _page(self, session: Session, page_id: int) -> Page:
+        page = session.pages.get(page_id)
+        if page is None:
+            if 0 < page_id <= session.last_page_id:
+                raise PageClosed(f"page {page_id} is closed")
+            raise PageNotFound(f"session {session.id} has no page {page_id}")
+        return page
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    def effective_timeout(self, timeout_ms: int | None) -> int:
+        """None or <= 0 -> the default; above the maximum -> the maximum (bc-pbt §9 #4)."""
+        if timeout_ms is None or timeout_ms <= 0:
+            return self.default_timeout_ms
+        return min(timeout_ms, self.max_timeout_ms)
+
+    def enqueue(
+        self,
+        session: Session,
+        page_id: int,
+        codeunit: int,
+        parameters: object,
+        timeout_ms: int | None,
+        level: str,
+    ) -> Task:
+        """Accept a task, or raise the EnqueueError that says why not (SPEC §3)."""
+        page = self._page(session, page_id)
+        if page.closed:
+            raise PageClosed(f"page {page_id} is closed")
+        if codeunit not in self.codeunits:
+            raise UnknownCodeunit(f"codeunit {codeunit} is not registered")
+        checked = _check_parameters(parameters)
+        if level not in ERROR_LEVELS:
+            raise InvalidParameters(f"error level {level!r:.40} is not one of {sorted(ERROR_LEVELS)}")
+        if session.waiting >= self.max_queue_length:
+            raise QueueFull(
+                f"session {session.id} already has {session.waiting} tasks waiting "
+                f"(ChildSessionsMaxQueueLength = {self.max_queue_length})"
+            )
+        session.last_task_id += 1
+        self._last_job += 1
+        task = Task(
+            session=session,
+            page=page,
+            id=session.last_task_id,
+            job=self._last_job,
+            codeunit=codeunit,
+            parameters=checked,
+            timeout_ms=self.effective_timeout(timeout_ms),
+            level=level,
+            record=page.record,
+            enqueued_at=self.clock(),
+        )
+        session.tasks[task.id] = task
+        page.tasks[task.id] = task
+        session.queue.append(task)  # -> WAITING
+        session.waiting += 1
+        self._mark_ready(session)
+        return task
+
+    def cancel(self, session: Session, task_id: int) -> Task | None:
+        """Cancel one active task by id; None for unknown or finished ids (never raises)."""
+        task = session.tasks.get(task_id)
+        if task is None:
+            return None
+        self._cancel(task, CANCELED_BY_ID)
+        return task
+
+    def next_task(self) -> Task | None:
+        """The next task to hand to a free worker, fairly across sessions; it is now STARTING."""
+        while self._ready:
+            session = self._ready.popleft()
+            session.in_ready = False
+            task = self._pop_waiting(session)
+            if task is None:
+                continue
+            task.state = TaskState.STARTING  # WAITING -> STARTING
+            session.waiting -= 1
+            session.running += 1
+            self._mark_ready(session)
+            return task
+        return None
+
+    def started(self, task: Task) -> None:
+        """The worker acknowledged the task; from now on its timeout runs."""
+        assert task.state is TaskState.STARTING, task
+        task.state = TaskState.RUNNING  # STARTING -> RUNNING
+        task.started_at = self.clock()
+
+    def finish(self, task: Task, state: TaskState) -> None:
+        """The task ended in the worker (COMPLETED) or failed (FAILED: error, timeout, crash)."""
+        assert state in (TaskState.COMPLETED, TaskState.FAILED), state
+        assert task.state in (TaskState.STARTING, TaskState.RUNNING), task
+        task.state = state  # STARTING | RUNNING -> COMPLETED | FAILED
+        self._forget(task)
+        task.session.running -= 1
+        self._mark_ready(task.session)
+
+    def active_tasks(self) -> Iterator[Task]:
+        for session in self.sessions.values():
+            yield from session.tasks.values()
+
+    def _cancel_all(self, tasks: list[Task], reason: str) -> list[Task]:
+        for task in tasks:
+            self._cancel(task, reason)
+        return tasks
+
+    def _cancel(self, task: Task, reason: str) -> None:
+        session = task.session
+        if task.state is TaskState.WAITING:
+            session.waiting -= 1  # stays in the queue, skipped by _pop_waiting
+            if len(session.queue) > 2 * session.waiting + 64:
+                # Enqueue-and-cancel loops on a saturated session would otherwise grow the
+                # queue without bound; compacting here keeps cancel amortised O(1).
+                session.queue = deque(t for t in session.queue if t.state is TaskState.WAITING)
+        else:
+            session.running -= 1
+        task.state = TaskState.CANCELLED  # WAITING | STARTING | RUNNING -> CANCELLED
+        task.cancel_reason = reason
+        self._forget(task)
+        self._mark_ready(session)
+
+    def _forget(self, task: Task) -> None:
+        del task.session.tasks[task.id]
+        del task.page.tasks[task.id]
+
+    def _pop_waiting(self, session: Session) -> Task | None:
+        queue = session.queue
+        while queue:
+            task = queue.popleft()
+            if task.state is TaskState.WAITING:
+                return task
+        return None
+
+    def _mark_ready(self, session: Session) -> None:
+        if (
+            not session.in_ready
+            and not session.closed
+            and session.waiting > 0
+            and session.running < self.max_concurrency
+        ):
+            session.in_ready = True
+            self._ready.append(session)
+
+
+def _check_parameters(parameters: object) -> dict[str, str]:
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidParameters(
+            f"parameters must be a map of text to text, not {type(parameters).__name__}"
+        )
+    if len(parameters) > MAX_PARAMETERS:
+        raise InvalidParameters(f"{len(parameters)} parameters; at most {MAX_PARAMETERS}")
+    for key, value in parameters.items():
+        if type(key) is not str or type(value) is not str:
+            raise InvalidParameters(
+                f"parameter {key!r:.60} = {type(value).__name__}: keys and values must be text"
+            )
+    return parameters
