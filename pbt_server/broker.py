@@ -7,8 +7,8 @@
       │    optional TCP + AuthToken)                   │          round-robin across sessions
       │                                                ▼
       │                                        WorkerPool (pool.py) ──"run"──▶ worker process
-      │                                          fork, pipes, pidfd     ◀─"started"─ (workers/main.py)
-      │                                                │              ◀─"done"/"failed"─
+      │                                          fork, pipes, pidfd  ◀─"started"─ (workers/main.py)
+      │                                                │           ◀─"done"/"failed"─
       │                                                ▼
       └────── completed / failed / cancelled ◀── Broker ◀── Watchdog (watchdog.py)
                   (exactly one per task)              timer per running task, RSS sampling;
@@ -38,6 +38,7 @@ or the disk (logging goes through a queue to a thread, see logs.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -195,17 +196,19 @@ class Broker:
             if session is not None:
                 self._cancelled(self.scheduler.close_session(session), code=CANCELED_SHUTDOWN)
             connection.send(
-                {"op": "shutdown", "code": ServerShuttingDown.code, "text": "the server is stopping"}
+                {
+                    "op": "shutdown",
+                    "code": ServerShuttingDown.code,
+                    "text": "the server is stopping",
+                }
             )
             connection.close()
         self.watchdog.stop()
         await self.pool.stop(STOP_GRACE)
         for server in self.servers:
             await server.wait_closed()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.config.server.socket_path.unlink()
-        except FileNotFoundError:
-            pass
         log.info("stopped")
 
     # --- requests (server.RequestHandler) -------------------------------------------------
@@ -242,7 +245,8 @@ class Broker:
             raise ProtocolError("hello sent twice")
         if hello.protocol != PROTOCOL_VERSION:
             raise ProtocolError(
-                f"protocol version {hello.protocol} is not supported (server speaks {PROTOCOL_VERSION})"
+                f"protocol version {hello.protocol} is not supported "
+                f"(this server speaks {PROTOCOL_VERSION})"
             )
         expected = self.config.server.auth_token
         # Constant-time: the comparison must not tell an attacker how much of a guess is right.
@@ -408,7 +412,14 @@ class Broker:
         for slot, worker in enumerate(self.pool.slots):
             if worker is None:
                 workers.append(
-                    {"slot": slot, "pid": None, "state": "down", "rss": 0, "tasks_done": 0, "task": None}
+                    {
+                        "slot": slot,
+                        "pid": None,
+                        "state": "down",
+                        "rss": 0,
+                        "tasks_done": 0,
+                        "task": None,
+                    }
                 )
                 continue
             task = worker.task

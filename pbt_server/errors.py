@@ -108,7 +108,7 @@ class ServerShuttingDown(EnqueueError):
 
 
 class BackgroundTaskError(PbtError):
-    """A task ended in error; ``.code`` is the task's error code (e.g. ``ChildSessionTaskTimeout``)."""
+    """A task ended in error; ``.code`` is its error code, e.g. ``ChildSessionTaskTimeout``."""
 
     code = "BackgroundTaskError"
 

@@ -14,6 +14,7 @@ handled by the worker's prologue (workers/main.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import multiprocessing
@@ -119,11 +120,12 @@ class WorkerPool:
         self.log_handler: logging.Handler | None = None
         self._gen = 0
         self._ready_waiter: asyncio.Future[None] | None = None
+        self._reaped = asyncio.Event()  # set whenever a worker process has been reaped
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, timeout: float) -> None:
-        """Fork every worker and wait until all are ready.
+    async def start(self, boot_limit: float) -> None:
+        """Fork every worker and wait until all are ready (at most ``boot_limit`` seconds).
 
         Raises:
             RuntimeError: a worker could not boot (the message is the worker's reason).
@@ -132,9 +134,10 @@ class WorkerPool:
         for slot in range(self.count):
             self.spawn(slot)
         try:
-            await asyncio.wait_for(self._ready_waiter, timeout)
+            async with asyncio.timeout(boot_limit):
+                await self._ready_waiter
         except TimeoutError:
-            raise RuntimeError(f"workers did not become ready within {timeout:.0f} s") from None
+            raise RuntimeError(f"workers did not become ready within {boot_limit:.0f} s") from None
         finally:
             self._ready_waiter = None
 
@@ -157,16 +160,16 @@ class WorkerPool:
         )
         # daemon=True: if the broker ever exits without stopping us, multiprocessing's atexit
         # terminates workers instead of joining them (a join would wait on our own pipes).
-        process = _MP.Process(target=run_worker, args=(spec,), name=f"pbt-worker-{slot}", daemon=True)
+        process = _MP.Process(
+            target=run_worker, args=(spec,), name=f"pbt-worker-{slot}", daemon=True
+        )
         process.start()
         os.close(job_r)
         os.close(res_w)
         pid = process.pid
         assert pid is not None
-        try:
+        with contextlib.suppress(OSError):
             os.setpgid(pid, pid)  # both sides call it, so killpg works from the first instant
-        except OSError:
-            pass
         worker = Worker(
             slot, self._gen, process, pid, job_w, res_r, os.pidfd_open(pid), pipe_unpacker()
         )
@@ -269,7 +272,9 @@ class WorkerPool:
             return
         task = worker.task
         if task is None or message.get("job") != task.job:
-            log.warning("worker %d sent %r for job %r it is not running", worker.pid, op, message.get("job"))
+            log.warning(
+                "worker %d sent %r for job %r it is not running", worker.pid, op, message.get("job")
+            )
             return
         if op == "started":
             self.listener.task_started(worker, task)
@@ -292,9 +297,12 @@ class WorkerPool:
 
     def _check_all_ready(self) -> None:
         waiter = self._ready_waiter
-        if waiter is not None and not waiter.done():
-            if all(w is not None and w.state is not WorkerState.BOOTING for w in self.slots):
-                waiter.set_result(None)
+        if (
+            waiter is not None
+            and not waiter.done()
+            and all(w is not None and w.state is not WorkerState.BOOTING for w in self.slots)
+        ):
+            waiter.set_result(None)
 
     # --- ending workers -------------------------------------------------------------------
 
@@ -321,10 +329,8 @@ class WorkerPool:
         if worker.timer is not None:
             worker.timer.cancel()
             worker.timer = None
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(worker)
-        except ValueError:
-            pass
         if self.slots[worker.slot] is worker:
             self.slots[worker.slot] = None
         self.others.add(worker)
@@ -356,6 +362,7 @@ class WorkerPool:
         self._detach(worker, WorkerState.DEAD)
         self.others.discard(worker)
         worker.state = WorkerState.DEAD  # * -> DEAD
+        self._reaped.set()
         if worker.had_children or proctree.orphans(self.pids()):
             self._reap_orphans_later()
         if previous in (WorkerState.KILLED, WorkerState.RETIRING) or self.stopping:
@@ -411,22 +418,27 @@ class WorkerPool:
 
         self.loop.call_soon(reap, 0)
 
-    async def stop(self, timeout: float) -> None:
-        """Stop every worker: idle ones exit on EOF; busy ones are killed."""
+    async def stop(self, grace: float) -> None:
+        """Stop every worker: idle ones exit on EOF (``grace`` seconds); busy ones are killed."""
         self.stopping = True
         for worker in self.workers():
             if worker.state is WorkerState.BUSY:
                 self.kill(worker, "server stopping")
             elif worker.state in (WorkerState.IDLE, WorkerState.BOOTING):
                 self._detach(worker, WorkerState.RETIRING)
-        deadline = self.loop.time() + timeout
-        while self.others and self.loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        for worker in list(self.others):
-            self.kill(worker, "did not exit in time")
-        while self.others:
-            await asyncio.sleep(0.005)
+        try:
+            async with asyncio.timeout(grace):
+                await self._all_reaped()
+        except TimeoutError:
+            for worker in list(self.others):
+                self.kill(worker, f"did not exit within {grace:.0f} s")
+            await self._all_reaped()
         proctree.reap_orphans(set())
+
+    async def _all_reaped(self) -> None:
+        while self.others:
+            self._reaped.clear()
+            await self._reaped.wait()
 
 
 def describe_exit(code: int | None) -> str:
@@ -441,4 +453,3 @@ def describe_exit(code: int | None) -> str:
         hint = " (possibly out of memory)" if -code == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
     return f"exited with code {code}"
-

@@ -10,6 +10,7 @@ own non-worker children (:func:`orphans`) and kills it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -56,19 +57,14 @@ def kill_tree(pid: int) -> list[int]:
             descendants = psutil.Process(pid).children(recursive=True)
         except psutil.Error:
             descendants = []
-    try:
+    # ProcessLookupError: the group is already empty, or the worker had not yet called setpgid.
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the group is already empty, or the worker had not yet called setpgid
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     for proc in descendants:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()  # psutil checks (pid, create_time): a reused pid is left alone
-        except psutil.Error:
-            pass
     return [proc.pid for proc in descendants]
 
 
@@ -84,10 +80,8 @@ def reap_orphans(workers: set[int]) -> int:
     """Kill and reap every non-worker child; return how many are still to be reaped."""
     left = 0
     for proc in orphans(workers):
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
         try:
             # Only this pid: waitpid(-1) would steal the exit status of a worker (notes §3.2).
             reaped, _ = os.waitpid(proc.pid, os.WNOHANG)

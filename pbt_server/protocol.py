@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar, Final
 
 import msgpack
@@ -101,12 +101,20 @@ class FrameDecoder:
         """Bytes received that do not yet make a whole frame."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes) -> Iterator[Message]:
+        """Add ``data``; iterate over every frame it completes.
+
+        Frames before a malformed one are yielded first, then :class:`ProtocolError` is
+        raised, so a good request in the same read as garbage is still answered. Iterate to
+        the end (or stop using the decoder): the buffer is trimmed when iteration finishes.
+        """
+        self._buffer += data
+        return self._frames()
+
+    def _frames(self) -> Iterator[Message]:
         buffer = self._buffer
-        buffer += data
-        frames: list[Message] = []
         offset = 0
-        with memoryview(buffer) as view:
+        try:
             while len(buffer) - offset >= _HEADER.size:
                 (length,) = _HEADER.unpack_from(buffer, offset)
                 if length == 0 or length > self.max_frame:
@@ -116,11 +124,15 @@ class FrameDecoder:
                 end = offset + _HEADER.size + length
                 if len(buffer) < end:
                     break
-                frames.append(self._unpack(view[offset + _HEADER.size : end]))
+                # Both views are released here, also when unpacking raises (the traceback
+                # keeps the slice referenced): a live view would stop the buffer resizing.
+                with memoryview(buffer) as view, view[offset + _HEADER.size : end] as body:
+                    message = self._unpack(body)
                 offset = end
-        if offset:
-            del buffer[:offset]  # one shrink per feed, never a copy per frame
-        return frames
+                yield message
+        finally:
+            if offset:
+                del buffer[:offset]  # one shrink per read, never a copy per frame
 
     def _unpack(self, body: memoryview) -> Message:
         try:

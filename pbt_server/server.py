@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class RequestHandler(Protocol):
-    def handle_request(self, connection: ClientConnection, request: Request) -> dict[str, object]: ...
+    def handle_request(
+        self, connection: ClientConnection, request: Request
+    ) -> dict[str, object]: ...
     def connection_lost(self, connection: ClientConnection) -> None: ...
 
 
@@ -52,31 +54,32 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            messages = self.decoder.feed(data)
+            for message in self.decoder.feed(data):
+                if not self.open:
+                    return
+                self._handle(message)
         except ProtocolError as err:
             self.fail(err)
+
+    def _handle(self, message: dict[str, object]) -> None:
+        rid = message.get("rid")
+        try:
+            request = parse_request(message)
+            if self.session_id == 0 and not isinstance(request, Hello):
+                raise ProtocolError(f"{request.op} before hello; say hello first")
+            reply = self.handler.handle_request(self, request)
+        except (ProtocolError, AuthenticationFailed) as err:
+            self.fail(err, rid)
             return
-        for message in messages:
-            if not self.open:
-                return
-            rid = message.get("rid")
-            try:
-                request = parse_request(message)
-                if self.session_id == 0 and not isinstance(request, Hello):
-                    raise ProtocolError(f"{request.op} before hello; say hello first")
-                reply = self.handler.handle_request(self, request)
-            except (ProtocolError, AuthenticationFailed) as err:
-                self.fail(err, rid)
-                return
-            except PbtError as err:
-                self.send({"op": "error", "rid": request.rid, "code": err.code, "text": err.text})
-                continue
-            if isinstance(request, Hello) and self._hello_timer is not None:
-                self._hello_timer.cancel()
-                self._hello_timer = None
-            reply["op"] = "reply"
-            reply["rid"] = request.rid
-            self.send(reply)
+        except PbtError as err:  # the request failed; the connection is fine
+            self.send({"op": "error", "rid": request.rid, "code": err.code, "text": err.text})
+            return
+        if isinstance(request, Hello) and self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        reply["op"] = "reply"
+        reply["rid"] = request.rid
+        self.send(reply)
 
     def send(self, message: Mapping[str, object]) -> None:
         if self.open:

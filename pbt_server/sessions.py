@@ -7,10 +7,11 @@ Scheduling (SPEC §3, bc-pbt-semantics §2.5, §9 #2-#4):
 
 - a session runs at most ``max_concurrency`` tasks at once; the rest wait FIFO;
 - ``max_queue_length`` counts *waiting* tasks only; one more fails with QueueFull;
-- free workers go to sessions round-robin: each session that can start a task is in the
-  ``_ready`` ring once; ``next_task`` takes one task from the session at the head and puts
-  the session at the back. A session with 100 waiting tasks and a session with one therefore
-  alternate, so the single task waits at most about one task's run time.
+- free workers go to sessions round-robin: each session that can start a task is in a ring
+  once; ``next_task`` takes one task from the session at the head and puts the session at
+  the back. Sessions with nothing running have their own ring, served first: a session with
+  100 waiting tasks cannot make another session's single task wait behind it, so that task
+  waits at most for the next worker to come free (about one task's run time).
 
 Cancelling a waiting task only marks it (O(1)); ``next_task`` skips marked tasks when it
 reaches them, so neither enqueue nor cancel depends on how many tasks wait.
@@ -95,7 +96,9 @@ class Session:
     id: int
     pages: dict[int, Page] = field(default_factory=dict)
     tasks: dict[int, Task] = field(default_factory=dict)  # active tasks only
-    queue: deque[Task] = field(default_factory=deque)  # WAITING, plus cancelled ones not yet skipped
+    queue: deque[Task] = field(
+        default_factory=deque
+    )  # WAITING, plus cancelled ones not yet skipped
     waiting: int = 0
     running: int = 0  # STARTING + RUNNING
     last_task_id: int = 0
@@ -124,7 +127,8 @@ class Scheduler:
         self.codeunits = codeunits
         self.clock = clock
         self.sessions: dict[int, Session] = {}
-        self._ready: deque[Session] = deque()
+        self._ready: deque[Session] = deque()  # sessions with a task running
+        self._fresh: deque[Session] = deque()  # sessions with none: they go first
         self._last_session_id = 0
         self._last_job = 0
 
@@ -202,7 +206,9 @@ class Scheduler:
             raise UnknownCodeunit(f"codeunit {codeunit} is not registered")
         checked = _check_parameters(parameters)
         if level not in ERROR_LEVELS:
-            raise InvalidParameters(f"error level {level!r:.40} is not one of {sorted(ERROR_LEVELS)}")
+            raise InvalidParameters(
+                f"error level {level!r:.40} is not one of {sorted(ERROR_LEVELS)}"
+            )
         if session.waiting >= self.max_queue_length:
             raise QueueFull(
                 f"session {session.id} already has {session.waiting} tasks waiting "
@@ -239,8 +245,8 @@ class Scheduler:
 
     def next_task(self) -> Task | None:
         """The next task to hand to a free worker, fairly across sessions; it is now STARTING."""
-        while self._ready:
-            session = self._ready.popleft()
+        while self._fresh or self._ready:
+            session = (self._fresh or self._ready).popleft()
             session.in_ready = False
             task = self._pop_waiting(session)
             if task is None:
@@ -311,7 +317,7 @@ class Scheduler:
             and session.running < self.max_concurrency
         ):
             session.in_ready = True
-            self._ready.append(session)
+            (self._ready if session.running else self._fresh).append(session)
 
 
 def _check_parameters(parameters: object) -> dict[str, str]:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from typing import Any
 
 from workers import ChildSession, CodeunitError, codeunit
 
@@ -75,7 +76,7 @@ def signal_self(ctx: ChildSession) -> dict[str, str]:
 
 
 @codeunit(BAD_RESULT, name="BadResult")
-def bad_result(ctx: ChildSession) -> object:
+def bad_result(ctx: ChildSession) -> Any:  # deliberately not dict[str, str]
     return {"count": 42}
 
 

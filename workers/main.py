@@ -11,6 +11,7 @@ Forked by the broker's pool (``multiprocessing`` fork context). Lifecycle::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -84,10 +85,10 @@ def _prologue(spec: WorkerSpec) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != spec.broker_pid:
         os._exit(1)  # the broker died before prctl took effect
-    try:
-        os.setpgid(0, 0)  # own process group: the watchdog kills the whole tree with killpg
-    except PermissionError:
-        pass  # the broker already moved us (it calls setpgid too, to close the race)
+    # Own process group: the watchdog kills the whole tree with killpg. PermissionError: the
+    # broker already moved us (it calls setpgid too, to close the race).
+    with contextlib.suppress(PermissionError):
+        os.setpgid(0, 0)
 
 
 def _close_inherited(fds: tuple[int, ...]) -> None:
@@ -104,10 +105,8 @@ def _close_inherited(fds: tuple[int, ...]) -> None:
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 def _run_job(spec: WorkerSpec, db: Any, message: Mapping[str, Any]) -> None:
@@ -146,7 +145,7 @@ def _call_codeunit(ctx: ChildSession) -> dict[str, Any]:
         return _failure("UnknownCodeunit", f"codeunit {ctx.codeunit_id} is not registered", "")
     try:
         results = entry.function(ctx)
-    except BaseException as exc:  # noqa: BLE001 - any codeunit failure is the task's, not ours
+    except BaseException as exc:
         stack = traceback.format_exc()
         if isinstance(exc, CodeunitError):
             return _failure(exc.code, exc.text, stack)
@@ -185,7 +184,7 @@ def _rollback(db: Any) -> None:
     try:
         if db.in_transaction:
             db.rollback()
-    except Exception:  # noqa: BLE001 - a broken connection shows on the next task
+    except Exception:
         log.debug("rollback after task failed", exc_info=True)
 
 
@@ -194,9 +193,7 @@ def _reap_children() -> None:
     try:
         tasks = os.listdir("/proc/self/task")
         children = [
-            pid
-            for tid in tasks
-            for pid in _read_children(f"/proc/self/task/{tid}/children")
+            pid for tid in tasks for pid in _read_children(f"/proc/self/task/{tid}/children")
         ]
     except OSError:
         return
@@ -206,10 +203,8 @@ def _reap_children() -> None:
 
     me = psutil.Process()
     for proc in me.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(me.children(), timeout=1)
 
 

@@ -1,0 +1,229 @@
+"""The ``pbt-server`` command: ``run``, ``start``, ``stop``, ``status`` and ``demo``.
+
+Exit codes: 0 success (``stop`` also when there was nothing to stop), 1 the command could not
+do its job (already running, not running for ``status``, failed to start or stop), 2 bad
+command line or bad configuration. ``run`` returns the broker's own exit code.
+
+The broker and the client are imported inside the commands that need them, so
+``pbt-server --version`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pbt_server import __version__
+
+if TYPE_CHECKING:
+    from pbt_server.config import ServerConfig
+
+DEFAULT_CONFIG = Path("config/server.ini")
+"""Used when ``--config`` is not given and this file exists in the working directory."""
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``pbt-server`` command line and return its exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: argparse exits
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pbt-server", description="Run page background tasks in worker processes."
+    )
+    parser.add_argument("--version", action="version", version=f"pbt-server {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        type=Path,
+        help=f"server.ini to use (default: {DEFAULT_CONFIG} if it exists, else built-in defaults)",
+    )
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+    run = commands.add_parser("run", parents=[common], help="run the broker in the foreground")
+    run.add_argument("--daemon", action="store_true", help="log only to LogFile (used by `start`)")
+    run.set_defaults(handler=_run)
+    for name, handler, text in [
+        ("start", _start, "start the broker in the background"),
+        ("stop", _stop, "stop the background broker gracefully"),
+        ("status", _status, "show sessions, tasks and workers of the running broker"),
+        ("demo", _demo, "create the demo database and compute a cue in the background"),
+    ]:
+        commands.add_parser(name, parents=[common], help=text).set_defaults(handler=handler)
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pbt_server.daemon import AlreadyRunning, Pidfile
+
+    config = _load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    pidfile = Pidfile(config.server.pid_file)
+    try:
+        pidfile.acquire()
+    except AlreadyRunning as err:
+        _error(f"pbt-server is already running (pid {err.pid})")
+        return EXIT_FAILED
+    try:
+        from pbt_server.broker import run_broker
+
+        return run_broker(config, log_to_stderr=not args.daemon)
+    finally:
+        pidfile.release()
+
+
+def _start(args: argparse.Namespace) -> int:
+    from pbt_server.daemon import Pidfile, start_daemon
+
+    config = _load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    pidfile = Pidfile(config.server.pid_file)
+    if (pid := pidfile.running_pid()) is not None:
+        _error(f"pbt-server is already running (pid {pid})")
+        return EXIT_FAILED
+    if (stale := pidfile.read()) is not None:
+        print(
+            f"pbt-server: pid file {pidfile.path} is stale "
+            f"(pid {stale} is not a pbt-server); replacing it"
+        )
+    return start_daemon(_config_path(args), config)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from pbt_server.daemon import stop_daemon
+
+    config = _load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    return stop_daemon(config)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pbt_server.client import connect
+    from pbt_server.errors import ConnectionLost, PbtError
+
+    config = _load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    try:
+        with connect(str(config.server.socket_path)) as session:
+            report = session.status()
+    except ConnectionLost:
+        print("pbt-server is not running")
+        return EXIT_FAILED
+    except PbtError as err:
+        _error(f"pbt-server: status failed: {err}")
+        return EXIT_FAILED
+    print(format_status(report))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pbt_server import demo  # lazy: the demo is optional and heavier than the CLI
+
+    result: int = demo.main(_config_path(args))
+    return result
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        path: Path = args.config
+        return path
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _load_config(args: argparse.Namespace) -> ServerConfig | None:
+    """Load the configuration; on a bad one print why and return None."""
+    from pbt_server.config import load_config
+    from pbt_server.errors import ConfigError
+
+    try:
+        return load_config(_config_path(args))
+    except ConfigError as err:
+        _error(f"pbt-server: {err}")
+        return None
+
+
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def format_status(report: Mapping[str, Any]) -> str:
+    """Render a broker ``status`` answer as the text ``pbt-server status`` prints."""
+    server = report["server"]
+    lines = [
+        f"pbt-server {server['version']}  pid {server['pid']}  "
+        f"up {format_duration(server['uptime'])}  "
+        f"socket {server['socket']}  tcp {server.get('tcp') or 'off'}",
+        "",
+        "sessions:",
+    ]
+    sessions = report.get("sessions") or []
+    if sessions:
+        rows = [[s["id"], s["pages"], s["waiting"], s["running"]] for s in sessions]
+        lines += _table(["id", "pages", "waiting", "running"], rows, "rrrr")
+    else:
+        lines.append("  no sessions")
+    lines += ["", "workers:"]
+    workers = report.get("workers") or []
+    if workers:
+        rows = [
+            [
+                w["slot"],
+                w.get("pid") or "-",
+                w["state"],
+                f"{w.get('rss', 0) / (1024 * 1024):.1f}",
+                w.get("tasks_done", 0),
+                w.get("task") or "-",
+            ]
+            for w in workers
+        ]
+        lines += _table(["slot", "pid", "state", "rss MiB", "tasks done", "task"], rows, "rrlrrl")
+    else:
+        lines.append("  no workers")
+    return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    """``3725.4`` -> ``"1:02:05"``; a day or more -> ``"2d 01:02:05"``."""
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}" if days else f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str) -> list[str]:
+    """Indented columns; ``align`` has one letter per column, ``l`` or ``r``."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if a == "r" else v.ljust(w)
+            for v, w, a in zip(values, widths, align, strict=True)
+        ]
+        return "  " + "  ".join(parts).rstrip()
+
+    return [line(headers)] + [line(row) for row in cells]

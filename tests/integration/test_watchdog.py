@@ -1,0 +1,137 @@
+"""The watchdog kills for real: timeouts, memory, process trees (SPEC §3, issue 2 §6)."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from pbt_server.client import BackgroundTaskError
+from tests import codeunits as cu
+from tests.support import recorder, wait_until
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_timeout_kills_the_worker_and_reports_ChildSessionTaskTimeout(broker):
+    errors: list[tuple[int, str, str, str]] = []
+    with broker.connect() as session:
+        page = session.open_page("P")
+        page.on_error = recorder(errors, handled=True)
+        before = set(broker.worker_pids())
+        started = time.monotonic()
+        task = page.enqueue_background_task(cu.SPIN, timeout=300)
+        with pytest.raises(BackgroundTaskError) as caught:
+            task.result(timeout=20)
+        elapsed = time.monotonic() - started
+        assert caught.value.code == "ChildSessionTaskTimeout"
+        assert caught.value.text == "Child Session task was terminated because of a timeout."
+        # never before the deadline (the clock starts at the worker's ack, after enqueue)
+        assert elapsed >= 0.3
+        wait_until(lambda: errors)
+        assert errors[0][:2] == (task.id, "ChildSessionTaskTimeout")
+        # exactly one worker (the spinner) was killed, and its slot has a fresh worker
+        wait_until(lambda: len(set(broker.worker_pids()) - before) == 1)
+        (killed,) = before - set(broker.worker_pids())
+        assert not _alive(killed)
+        assert page.enqueue_background_task(cu.NOOP).result(timeout=10) == {}
+
+
+def test_queue_wait_does_not_count_against_the_timeout(start_broker):
+    broker = start_broker({"Workers": {"Count": "1"}})
+    with broker.connect() as session:
+        page = session.open_page("P")
+        first = page.enqueue_background_task(cu.SLEEP, {"seconds": "1.0"})
+        # waits ~1 s behind `first`, then runs 0.1 s of its 800 ms budget
+        second = page.enqueue_background_task(cu.SLEEP, {"seconds": "0.1"}, timeout=800)
+        assert first.result(timeout=10)["slept"] == "1.0"
+        assert second.result(timeout=10)["slept"] == "0.1"
+
+
+def test_timeout_default_and_clamp_to_the_maximum(start_broker):
+    broker = start_broker(
+        {
+            "AsynchronousProcessing": {
+                "PageBackgroundTaskDefaultTimeout": "00:00:00.4",
+                "PageBackgroundTaskMaxTimeout": "00:00:00.6",
+            }
+        }
+    )
+    with broker.connect() as session:
+        page = session.open_page("P")
+        defaulted = page.enqueue_background_task(cu.CONTEXT)
+        assert 0 < int(defaulted.result(timeout=10)["remaining_ms"]) <= 400
+        clamped = page.enqueue_background_task(cu.CONTEXT, timeout=60_000)
+        assert 400 < int(clamped.result(timeout=10)["remaining_ms"]) <= 600
+        started = time.monotonic()
+        with pytest.raises(BackgroundTaskError, match="timeout"):
+            page.enqueue_background_task(cu.SPIN, timeout=60_000).result(timeout=20)
+        assert time.monotonic() - started >= 0.6
+
+
+def test_timeout_kills_the_whole_process_tree(broker, tmp_path):
+    pidfile = tmp_path / "pids"
+    with broker.connect() as session:
+        page = session.open_page("P")
+        task = page.enqueue_background_task(
+            cu.SPAWN_AND_SPIN, {"pidfile": str(pidfile)}, timeout=1500
+        )
+        wait_until(pidfile.exists)
+        worker_pid, sleep_pid = map(int, pidfile.read_text().split())
+        assert _alive(sleep_pid)
+        with pytest.raises(BackgroundTaskError, match="timeout"):
+            task.result(timeout=20)
+        wait_until(lambda: not _alive(worker_pid) and not _alive(sleep_pid))
+        broker.wait_workers_replaced(worker_pid)
+
+
+def test_cancel_kills_the_whole_process_tree(broker, tmp_path):
+    pidfile = tmp_path / "pids"
+    with broker.connect() as session:
+        page = session.open_page("P")
+        task = page.enqueue_background_task(cu.SPAWN_AND_SPIN, {"pidfile": str(pidfile)})
+        wait_until(pidfile.exists)
+        worker_pid, sleep_pid = map(int, pidfile.read_text().split())
+        assert task.cancel() is True
+        wait_until(lambda: not _alive(worker_pid) and not _alive(sleep_pid))
+        broker.wait_workers_replaced(worker_pid)
+
+
+def test_memory_limit(start_broker):
+    broker = start_broker({"Workers": {"Count": "1", "MaxMemoryMB": "150"}})
+    with broker.connect() as session:
+        page = session.open_page("P")
+        small = page.enqueue_background_task(cu.ALLOCATE, {"mb": "10", "seconds": "0.2"})
+        assert small.result(timeout=10)["len"] == str(10 * 2**20)
+        big = page.enqueue_background_task(cu.ALLOCATE, {"mb": "400", "seconds": "30"})
+        with pytest.raises(BackgroundTaskError) as caught:
+            big.result(timeout=20)
+        assert caught.value.code == "ChildSessionMemoryLimit"
+        assert "150 MB" in caught.value.text
+        assert page.enqueue_background_task(cu.NOOP).result(timeout=10) == {}
+
+
+def test_worker_is_recycled_after_max_tasks(start_broker):
+    broker = start_broker({"Workers": {"Count": "1", "MaxTasksPerWorker": "3"}})
+    with broker.connect() as session:
+        page = session.open_page("P")
+        pids = [
+            page.enqueue_background_task(cu.CONTEXT).result(timeout=10)["pid"] for _ in range(7)
+        ]
+    assert pids[0] == pids[1] == pids[2]
+    assert pids[3] == pids[4] == pids[5] != pids[2]
+    assert pids[6] not in pids[:6]
+
+
+def test_a_worker_that_cannot_boot_stops_the_start(start_broker, tmp_path):
+    from tests.broker_process import BrokerProcess
+
+    with pytest.raises(AssertionError, match="exited with 1") as caught:
+        BrokerProcess.start({"Database": {"Url": f"sqlite:///{tmp_path}/missing.db"}})
+    assert "does not exist" in str(caught.value)

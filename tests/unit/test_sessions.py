@@ -1,0 +1,216 @@
+"""The scheduler's decisions, with plain objects and a fake clock (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pbt_server.errors import (
+    InvalidParameters,
+    PageClosed,
+    PageNotFound,
+    QueueFull,
+    UnknownCodeunit,
+)
+from pbt_server.sessions import Scheduler, Session, TaskState
+from tests.support import FakeClock
+
+
+def make(max_concurrency: int = 5, max_queue_length: int = 100, clock: FakeClock | None = None):
+    return Scheduler(
+        max_concurrency=max_concurrency,
+        max_queue_length=max_queue_length,
+        default_timeout_ms=120_000,
+        max_timeout_ms=600_000,
+        codeunits={1, 2},
+        clock=clock or FakeClock(),
+    )
+
+
+def enqueue(s: Scheduler, session: Session, page: int = 1, **kw):
+    return s.enqueue(
+        session, page, kw.get("codeunit", 1), kw.get("parameters"), kw.get("timeout"), "Error"
+    )
+
+
+def test_task_ids_count_from_one_per_session_and_are_never_reused():
+    s = make()
+    a, b = s.open_session(), s.open_session()
+    s.open_page(a, "P", "")
+    s.open_page(b, "P", "")
+    first = enqueue(s, a)
+    assert s.cancel(a, first.id) is first
+    assert [enqueue(s, a).id, enqueue(s, a).id] == [2, 3]
+    assert enqueue(s, b).id == 1
+
+
+@pytest.mark.parametrize(
+    ("asked", "effective"),
+    [(None, 120_000), (0, 120_000), (-5, 120_000), (1, 1), (10_000, 10_000), (10**9, 600_000)],
+)
+def test_timeout_default_and_clamp(asked, effective):
+    s = make()
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    assert enqueue(s, session, timeout=asked).timeout_ms == effective
+
+
+def test_concurrency_limit_per_session_and_fifo_order():
+    s = make(max_concurrency=2)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    tasks = [enqueue(s, session) for _ in range(4)]
+    started = [s.next_task(), s.next_task()]
+    assert started == tasks[:2]
+    assert s.next_task() is None  # two running: the rest wait
+    s.started(tasks[0])
+    s.finish(tasks[0], TaskState.COMPLETED)
+    assert s.next_task() is tasks[2]
+
+
+def test_queue_length_counts_waiting_tasks_only():
+    s = make(max_concurrency=1, max_queue_length=2)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    running = enqueue(s, session)
+    assert s.next_task() is running
+    enqueue(s, session)
+    enqueue(s, session)
+    with pytest.raises(QueueFull, match="2 tasks waiting") as caught:
+        enqueue(s, session)
+    assert caught.value.code == "ChildSessionQueueFull"
+    # a waiting task cancelled frees a queue place at once; the refused enqueue used no id
+    s.cancel(session, 2)
+    assert enqueue(s, session).id == 4
+
+
+def test_a_busy_session_does_not_starve_another():
+    s = make(max_concurrency=5, max_queue_length=1000)
+    busy, quiet = s.open_session(), s.open_session()
+    s.open_page(busy, "P", "")
+    s.open_page(quiet, "P", "")
+    for _ in range(100):
+        enqueue(s, busy)
+    first = s.next_task()  # one worker took a busy task
+    assert first is not None
+    assert first.session is busy
+    single = enqueue(s, quiet)
+    # the next free worker goes to the quiet session, not to the 99 waiting busy tasks
+    assert s.next_task() is single
+
+
+def test_round_robin_alternates_between_sessions():
+    s = make(max_concurrency=100, max_queue_length=1000)
+    sessions = [s.open_session() for _ in range(3)]
+    for session in sessions:
+        s.open_page(session, "P", "")
+        for _ in range(3):
+            enqueue(s, session)
+    order = [s.next_task().session.id for _ in range(9)]
+    assert order == [1, 2, 3, 1, 2, 3, 1, 2, 3]
+
+
+def test_record_change_cancels_tasks_of_the_old_record_only():
+    s = make()
+    session = s.open_session()
+    page = s.open_page(session, "Customer Card", "Customer: 10000")
+    old = [enqueue(s, session, page.id) for _ in range(2)]
+    s.next_task()  # one of them is running
+    assert s.set_record(session, page.id, "Customer: 10000") == []  # same record: nothing
+    cancelled = s.set_record(session, page.id, "Customer: 20000")
+    assert cancelled == old
+    assert all(t.state is TaskState.CANCELLED and t.cancel_reason == "RecordChanged" for t in old)
+    new = enqueue(s, session, page.id)
+    assert new.record == "Customer: 20000"
+    assert session.running == 0
+    assert session.waiting == 1
+
+
+def test_page_close_cancels_its_tasks_and_refuses_new_ones():
+    s = make()
+    session = s.open_session()
+    page = s.open_page(session, "P", "")
+    other = s.open_page(session, "Q", "")
+    mine = enqueue(s, session, page.id)
+    theirs = enqueue(s, session, other.id)
+    assert s.close_page(session, page.id) == [mine]
+    assert theirs.state is TaskState.WAITING
+    with pytest.raises(PageClosed):
+        enqueue(s, session, page.id)
+    with pytest.raises(PageNotFound):
+        enqueue(s, session, 99)
+
+
+def test_session_close_cancels_everything_and_frees_slots():
+    s = make(max_concurrency=1)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    running = enqueue(s, session)
+    waiting = enqueue(s, session)
+    assert s.next_task() is running
+    assert s.close_session(session) == [running, waiting]
+    assert s.next_task() is None
+    assert session.id not in s.sessions
+
+
+def test_cancel_unknown_or_finished_returns_none():
+    s = make()
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    task = enqueue(s, session)
+    s.next_task()
+    s.started(task)
+    s.finish(task, TaskState.COMPLETED)
+    assert s.cancel(session, task.id) is None
+    assert s.cancel(session, 12345) is None
+
+
+def test_cancelled_waiting_tasks_are_skipped_and_compacted():
+    s = make(max_concurrency=1, max_queue_length=10)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    running = enqueue(s, session)
+    s.next_task()
+    # a client that enqueues and cancels forever while its session is saturated
+    for _ in range(10_000):
+        s.cancel(session, enqueue(s, session).id)
+    assert len(session.queue) < 200
+    keep = enqueue(s, session)
+    s.started(running)
+    s.finish(running, TaskState.COMPLETED)
+    assert s.next_task() is keep
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"a": 1}, {1: "a"}, ["a"], "text", {"a": None}, {"a": b"bytes"}],
+)
+def test_bad_parameters_are_refused_with_the_reason(parameters):
+    s = make()
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    with pytest.raises(InvalidParameters):
+        enqueue(s, session, parameters=parameters)
+    assert session.waiting == 0
+    assert session.last_task_id == 0
+
+
+def test_unknown_codeunit_is_refused():
+    s = make()
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    with pytest.raises(UnknownCodeunit, match="codeunit 77"):
+        enqueue(s, session, codeunit=77)
+
+
+def test_started_records_the_ack_time_not_the_enqueue_time():
+    clock = FakeClock()
+    s = make(clock=clock)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    task = enqueue(s, session)
+    clock.advance(5)
+    s.next_task()
+    clock.advance(1)
+    s.started(task)
+    assert task.enqueued_at == 1000.0
+    assert task.started_at == 1006.0
