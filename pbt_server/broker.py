@@ -117,6 +117,7 @@ class Broker:
             workers=self.pool.workers,
         )
         self.connections: dict[int, ClientConnection] = {}  # by session id
+        self.unidentified: set[ClientConnection] = set()  # before hello
         self.servers: list[asyncio.Server] = []
         self.started = time.monotonic()
         self.stopping = False
@@ -189,8 +190,11 @@ class Broker:
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        self.pool.stopping = True  # workers killed from now on are not replaced
         for server in self.servers:
             server.close()
+        for connection in list(self.unidentified):
+            connection.close()  # connected, never said hello
         for connection in list(self.connections.values()):
             session = self.scheduler.sessions.get(connection.session_id)
             if session is not None:
@@ -213,11 +217,15 @@ class Broker:
 
     # --- requests (server.RequestHandler) -------------------------------------------------
 
+    def connection_made(self, connection: ClientConnection) -> None:
+        self.unidentified.add(connection)
+
     def handle_request(self, connection: ClientConnection, request: Request) -> dict[str, object]:
-        session = self.scheduler.sessions.get(connection.session_id)
         if isinstance(request, Hello):
             return self._hello(connection, request)
-        assert session is not None
+        session = self.scheduler.sessions.get(connection.session_id)
+        if session is None:  # ended (server stopping) while its requests were in flight
+            raise ProtocolError(f"session {connection.session_id} has ended")
         if isinstance(request, Enqueue):
             return self._enqueue(session, request)
         if isinstance(request, Cancel):
@@ -258,6 +266,7 @@ class Broker:
             raise ServerShuttingDown("the server is stopping")
         session = self.scheduler.open_session()
         connection.session_id = session.id
+        self.unidentified.discard(connection)
         self.connections[session.id] = connection
         log.debug("session %d opened (%s)", session.id, connection.peer)
         return {"session": session.id, "server": __version__}
@@ -284,6 +293,7 @@ class Broker:
         return {"task": task.id, "timeout": task.timeout_ms}
 
     def connection_lost(self, connection: ClientConnection) -> None:
+        self.unidentified.discard(connection)
         session = self.scheduler.sessions.get(connection.session_id)
         self.connections.pop(connection.session_id, None)
         if session is not None:

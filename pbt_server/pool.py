@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _MP: Final = multiprocessing.get_context("fork")
 BOOT_RETRY_LIMIT: Final = 5  # consecutive boot failures before the pool gives up
 BOOT_BACKOFF_MAX: Final = 10.0
+SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Worker:
     tasks_done: int = 0
     pending: bytearray = field(default_factory=bytearray)  # job bytes the pipe did not take
     timer: asyncio.TimerHandle | None = None
-    had_children: bool = False
+    exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
     _ps: psutil.Process | None = None
 
     def rss(self) -> int:
@@ -121,6 +122,7 @@ class WorkerPool:
         self._gen = 0
         self._ready_waiter: asyncio.Future[None] | None = None
         self._reaped = asyncio.Event()  # set whenever a worker process has been reaped
+        self._sweeper: asyncio.TimerHandle | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -133,6 +135,7 @@ class WorkerPool:
         self._ready_waiter = self.loop.create_future()
         for slot in range(self.count):
             self.spawn(slot)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         try:
             async with asyncio.timeout(boot_limit):
                 await self._ready_waiter
@@ -261,6 +264,8 @@ class WorkerPool:
         ):
             return  # a late word from an incarnation we already gave up on
         if op == "ready":
+            if worker.exited:
+                return  # said ready, then died: _on_exit treats it as a boot failure
             worker.state = WorkerState.IDLE  # BOOTING -> IDLE
             self.boot_failures = 0
             self._check_all_ready()
@@ -288,7 +293,9 @@ class WorkerPool:
                 self.listener.task_failed(
                     worker, task, message["code"], message["text"], message["stack"]
                 )
-            if worker.state is WorkerState.IDLE:  # the listener may have retired or killed it
+            # The listener may have retired or killed it; a worker whose death is being
+            # processed must not go back to the idle list, or a new task would be lost with it.
+            if worker.state is WorkerState.IDLE and not worker.exited:
                 if self.max_tasks_per_worker and worker.tasks_done >= self.max_tasks_per_worker:
                     self.retire(worker)
                 else:
@@ -310,7 +317,7 @@ class WorkerPool:
         """SIGKILL the worker's whole tree now and put a fresh worker in its slot."""
         if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
             return
-        worker.had_children = bool(proctree.kill_tree(worker.pid)) or worker.had_children
+        proctree.kill_tree(worker.pid)
         self._detach(worker, WorkerState.KILLED)
         log.info("worker %d killed (%s)", worker.pid, reason)
         if not self.stopping:
@@ -346,6 +353,7 @@ class WorkerPool:
 
     def _on_exit(self, worker: Worker) -> None:
         """The pidfd says the worker's process has ended: reap it and find out how."""
+        worker.exited = True
         self._on_readable_until_eof(worker)  # a result written just before death still counts
         self.loop.remove_reader(worker.pidfd)
         os.close(worker.pidfd)
@@ -363,8 +371,7 @@ class WorkerPool:
         self.others.discard(worker)
         worker.state = WorkerState.DEAD  # * -> DEAD
         self._reaped.set()
-        if worker.had_children or proctree.orphans(self.pids()):
-            self._reap_orphans_later()
+        self._reap_orphans_later()  # what the worker started is ours now (subreaper)
         if previous in (WorkerState.KILLED, WorkerState.RETIRING) or self.stopping:
             return
         how = describe_exit(code)
@@ -418,9 +425,18 @@ class WorkerPool:
 
         self.loop.call_soon(reap, 0)
 
+    def _sweep(self) -> None:
+        """Every few seconds: kill what escaped a live worker's tree (a ``setsid`` daemon
+        reparents to us as soon as its own parent exits, long before the worker dies)."""
+        proctree.reap_orphans(self.pids())
+        if not self.stopping:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
     async def stop(self, grace: float) -> None:
         """Stop every worker: idle ones exit on EOF (``grace`` seconds); busy ones are killed."""
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for worker in self.workers():
             if worker.state is WorkerState.BUSY:
                 self.kill(worker, "server stopping")

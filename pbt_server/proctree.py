@@ -5,7 +5,7 @@ and every descendant that stayed in the group, including ones forked while we lo
 snapshot, taken *before* the kill (killing first orphans the tree and hides it), catches
 descendants that moved to another group. A ``setsid`` double-fork escapee is caught only
 because the broker is a child subreaper: it reparents to the broker, which finds it among its
-own non-worker children (:func:`orphans`) and kills it.
+own non-worker children (:func:`reap_orphans`) and kills it.
 """
 
 from __future__ import annotations
@@ -32,16 +32,31 @@ def become_subreaper() -> bool:
     return True
 
 
-def has_children(pid: int) -> bool:
-    """Cheap check (~20 µs): does ``pid`` have any child? Spares psutil's /proc scan (2 ms)."""
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from ``/proc/<pid>/task/*/children`` (~20 µs).
+
+    psutil's ``children()`` scans all of /proc (~2 ms, package-notes §3.1); this is cheap
+    enough for the event loop. Falls back to psutil where the kernel lacks the file.
+    """
+    found: list[int] = []
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                if f.read().strip():
-                    return True
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return False
-    return False
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended while we looked
+            try:  # no CONFIG_PROC_CHILDREN
+                return [p.pid for p in psutil.Process(pid).children()]
+            except psutil.Error:
+                return []
+        except OSError:
+            continue
+    return found
 
 
 def kill_tree(pid: int) -> list[int]:
@@ -52,7 +67,7 @@ def kill_tree(pid: int) -> list[int]:
     :func:`reap_orphans`.
     """
     descendants: list[psutil.Process] = []
-    if has_children(pid):
+    if children(pid):
         try:
             descendants = psutil.Process(pid).children(recursive=True)
         except psutil.Error:
@@ -68,23 +83,21 @@ def kill_tree(pid: int) -> list[int]:
     return [proc.pid for proc in descendants]
 
 
-def orphans(workers: set[int]) -> list[psutil.Process]:
-    """Our children that are not workers: leftovers of killed worker trees."""
-    try:
-        return [p for p in psutil.Process().children() if p.pid not in workers]
-    except psutil.Error:
-        return []
-
-
 def reap_orphans(workers: set[int]) -> int:
-    """Kill and reap every non-worker child; return how many are still to be reaped."""
+    """Kill and reap every child of ours that is not a worker; return how many remain.
+
+    Such a child can only be a leftover of a worker's tree, reparented to us (we are its
+    subreaper). It is unreaped, so its pid cannot have been reused: a plain kill is safe.
+    """
     left = 0
-    for proc in orphans(workers):
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    for pid in children(os.getpid()):
+        if pid in workers:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         try:
             # Only this pid: waitpid(-1) would steal the exit status of a worker (notes §3.2).
-            reaped, _ = os.waitpid(proc.pid, os.WNOHANG)
+            reaped, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             continue
         if reaped == 0:

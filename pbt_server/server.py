@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class RequestHandler(Protocol):
+    def connection_made(self, connection: ClientConnection) -> None: ...
     def handle_request(
         self, connection: ClientConnection, request: Request
     ) -> dict[str, object]: ...
@@ -51,6 +52,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if self.tcp and peer else "unix"
         loop = asyncio.get_running_loop()
         self._hello_timer = loop.call_later(HELLO_TIMEOUT, self._hello_expired)
+        self.handler.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -73,6 +75,13 @@ class ClientConnection(asyncio.Protocol):
             return
         except PbtError as err:  # the request failed; the connection is fine
             self.send({"op": "error", "rid": request.rid, "code": err.code, "text": err.text})
+            return
+        except Exception:
+            # A bug of ours: this connection gets an error and is closed; the broker goes on.
+            log.exception("request %r failed (session %d)", message.get("op"), self.session_id)
+            self.fail(
+                PbtError("internal server error; see the server log", code="InternalError"), rid
+            )
             return
         if isinstance(request, Hello) and self._hello_timer is not None:
             self._hello_timer.cancel()

@@ -27,6 +27,7 @@ DB_WRITE = 14
 LOG = 15
 CONTEXT = 16
 NONE_RESULT = 17
+ESCAPE = 18
 
 
 @codeunit(NOOP, name="Noop")
@@ -141,3 +142,18 @@ def context(ctx: ChildSession) -> dict[str, str]:
 @codeunit(NONE_RESULT, name="NoneResult")
 def none_result(ctx: ChildSession) -> None:
     return None
+
+
+@codeunit(ESCAPE, name="Escape")
+def escape(ctx: ChildSession) -> dict[str, str]:
+    """Leave a daemon behind: double fork + setsid, outside our process group and tree."""
+    path = ctx.parameters["pidfile"]
+    subprocess.run(
+        [
+            "sh",
+            "-c",
+            f'setsid sh -c \'sleep 600 & echo $! > "{path}.tmp"; mv "{path}.tmp" "{path}"\' &',
+        ],
+        check=True,
+    )
+    return {}

@@ -103,6 +103,18 @@ def test_cancel_kills_the_whole_process_tree(broker, tmp_path):
         broker.wait_workers_replaced(worker_pid)
 
 
+def test_a_daemon_escaping_a_finished_task_is_killed(broker, tmp_path):
+    pidfile = tmp_path / "daemon"
+    with broker.connect() as session:
+        page = session.open_page("P")
+        assert page.enqueue_background_task(cu.ESCAPE, {"pidfile": str(pidfile)}).result(10) == {}
+        wait_until(pidfile.exists)
+        daemon = int(pidfile.read_text())
+        # setsid + double fork: not in the worker's group or tree; the broker (child subreaper)
+        # inherits it and its periodic sweep kills it
+        wait_until(lambda: not _alive(daemon), timeout=15)
+
+
 def test_memory_limit(start_broker):
     broker = start_broker({"Workers": {"Count": "1", "MaxMemoryMB": "150"}})
     with broker.connect() as session:
