@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _MP: Final = multiprocessing.get_context("fork")
 BOOT_RETRY_LIMIT: Final = 5  # consecutive boot failures before the pool gives up
 BOOT_BACKOFF_MAX: Final = 10.0
+RETIRE_GRACE: Final = 10.0  # seconds a retired worker may take to exit
 SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)
 
 log = logging.getLogger(__name__)
@@ -318,17 +319,25 @@ class WorkerPool:
         if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
             return
         proctree.kill_tree(worker.pid)
+        owned_slot = self.slots[worker.slot] is worker  # a retiring one was replaced already
         self._detach(worker, WorkerState.KILLED)
         log.info("worker %d killed (%s)", worker.pid, reason)
-        if not self.stopping:
+        if owned_slot and not self.stopping:
             self.spawn(worker.slot)
 
     def retire(self, worker: Worker) -> None:
         """Let an idle worker exit cleanly (its logs flush) and replace it."""
         self._detach(worker, WorkerState.RETIRING)
         log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
+        # A worker whose log feeder is stuck (a killed worker held the shared queue lock,
+        # package-notes §1.5) would hang in its exit handler forever: give it a deadline.
+        self.loop.call_later(RETIRE_GRACE, self._kill_if_retiring, worker)
         if not self.stopping:
             self.spawn(worker.slot)
+
+    def _kill_if_retiring(self, worker: Worker) -> None:
+        if worker.state is WorkerState.RETIRING and not worker.exited:
+            self.kill(worker, f"retired, but still running after {RETIRE_GRACE:.0f} s")
 
     def _detach(self, worker: Worker, state: WorkerState) -> None:
         """Take the worker out of its slot; it lives on in ``others`` until reaped."""
