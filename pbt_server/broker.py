@@ -42,6 +42,7 @@ import contextlib
 import hmac
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -59,6 +60,7 @@ from pbt_server.errors import (
     TASK_TIMEOUT_TEXT,
     AuthenticationFailed,
     ProtocolError,
+    ServerBusy,
     ServerShuttingDown,
 )
 from pbt_server.logs import BrokerLogging
@@ -81,6 +83,7 @@ from pbt_server.watchdog import Watchdog
 from workers.registry import load_modules
 
 BOOT_TIMEOUT: Final = 60.0
+FD_RESERVE: Final = 64  # fds kept free beyond client connections: listeners, log, forks
 STOP_GRACE: Final = 10.0
 RESULT_OVERHEAD: Final = 256  # a completed event's own fields around the results map
 
@@ -120,6 +123,7 @@ class Broker:
         self.unidentified: set[ClientConnection] = set()  # before hello
         self.servers: list[asyncio.Server] = []
         self.started = time.monotonic()
+        self.max_connections = config.server.max_connections
         self.stopping = False
         self.exit_code = 0
         self._stop = asyncio.Event()
@@ -128,6 +132,9 @@ class Broker:
 
     async def serve(self) -> int:
         proctree.become_subreaper()
+        self.max_connections = _fit_fd_limit(
+            self.config.server.max_connections, FD_RESERVE + 8 * self.pool.count
+        )
         try:
             await self.pool.start(BOOT_TIMEOUT)
             await self._listen()
@@ -218,6 +225,10 @@ class Broker:
     # --- requests (server.RequestHandler) -------------------------------------------------
 
     def connection_made(self, connection: ClientConnection) -> None:
+        if len(self.unidentified) + len(self.connections) >= self.max_connections:
+            raise ServerBusy(
+                f"the server has {self.max_connections} connections open (MaxConnections)"
+            )
         self.unidentified.add(connection)
 
     def handle_request(self, connection: ClientConnection, request: Request) -> dict[str, object]:
@@ -269,7 +280,11 @@ class Broker:
         self.unidentified.discard(connection)
         self.connections[session.id] = connection
         log.debug("session %d opened (%s)", session.id, connection.peer)
-        return {"session": session.id, "server": __version__}
+        return {
+            "session": session.id,
+            "server": __version__,
+            "max_frame": self.config.server.max_frame_bytes,  # results may be this large
+        }
 
     def _enqueue(self, session: Session, request: Enqueue) -> dict[str, object]:
         if self.stopping:
@@ -360,8 +375,17 @@ class Broker:
     def task_done(self, worker: Worker, task: Task, results: dict[str, str]) -> None:
         self.watchdog.disarm(worker)
         self.scheduler.finish(task, TaskState.COMPLETED)
-        log.debug("task s%d/t%d completed", task.session.id, task.id)
         self._send(task, {"op": "completed", "results": results})
+        if log.isEnabledFor(logging.INFO):
+            assert task.started_at is not None
+            log.info(
+                "task s%d/t%d completed: codeunit %d, waited %.1f ms, ran %.1f ms",
+                task.session.id,
+                task.id,
+                task.codeunit,
+                (task.started_at - task.enqueued_at) * 1000,
+                (self.loop.time() - task.started_at) * 1000,
+            )
 
     def task_failed(self, worker: Worker, task: Task, code: str, text: str, stack: str) -> None:
         self.watchdog.disarm(worker)
@@ -369,6 +393,19 @@ class Broker:
         self._fail(task, code, text, stack)
 
     def worker_crashed(self, worker: Worker, task: Task, how: str) -> None:
+        if task.state is TaskState.STARTING and not task.requeued:
+            # The worker died after its previous task, before it read this one: the codeunit
+            # never started here. Run it on another worker rather than report a crash.
+            log.warning(
+                "worker %d %s before starting task s%d/t%d; requeued",
+                worker.pid,
+                how,
+                task.session.id,
+                task.id,
+            )
+            self.scheduler.requeue(task)
+            self._dispatch()
+            return
         text = f"the child session's worker process {worker.pid} {how}"
         log.warning("task s%d/t%d: %s", task.session.id, task.id, text)
         self._fail(task, TASK_CRASHED, text)
@@ -456,6 +493,28 @@ class Broker:
         }
 
 
+def _fit_fd_limit(wanted_connections: int, reserve: int) -> int:
+    """Raise our open-file limit toward what MaxConnections needs; return what fits.
+
+    Running out of fds would fail the fork of a replacement worker; so connections beyond
+    what the hard limit allows, less a reserve, are refused instead (ServerBusy).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = wanted_connections + reserve
+    if soft < wanted and (hard == resource.RLIM_INFINITY or soft < hard):
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    fitting = max(1, min(wanted_connections, soft - reserve))
+    if fitting < wanted_connections:
+        log.warning(
+            "open-file limit %d allows %d connections, not MaxConnections = %d",
+            soft,
+            fitting,
+            wanted_connections,
+        )
+    return fitting
+
+
 def _remove_stale_socket(path: Path) -> None:
     """Remove a socket file left by a dead server; refuse to steal a live one's."""
     try:
@@ -489,5 +548,5 @@ def run_broker(config: ServerConfig, *, log_to_stderr: bool) -> int:
 
 async def _main(config: ServerConfig, logs: BrokerLogging) -> int:
     broker = Broker(config, asyncio.get_running_loop())
-    broker.pool.log_handler = logs.worker_handler
+    broker.pool.log_handler_factory = logs.worker_handler
     return await broker.serve()

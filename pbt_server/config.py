@@ -248,6 +248,8 @@ class ServerSection:
     """LogLevel: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
     max_frame_bytes: int
     """MaxFrameBytes: the largest client frame, and the largest task result."""
+    max_connections: int
+    """MaxConnections: open client connections at most; one more is refused."""
 
     @classmethod
     def _from_ini(cls, r: _SectionReader) -> Self:
@@ -259,6 +261,7 @@ class ServerSection:
             log_file=r.get("LogFile", "var/pbt-server.log", _path(r.base_dir)),
             log_level=r.get("LogLevel", "INFO", _log_level),
             max_frame_bytes=r.get("MaxFrameBytes", str(DEFAULT_MAX_FRAME), _int_in(1024, 1 << 26)),
+            max_connections=r.get("MaxConnections", "4096", _int_in(1, 1 << 20)),
         )
         if section.tcp_address is not None and not section.auth_token:
             # Anyone who can reach the port could otherwise run codeunits.
@@ -285,7 +288,8 @@ class AsyncSection:
     def _from_ini(cls, r: _SectionReader) -> Self:
         section = cls(
             max_concurrency=r.get("ChildSessionsMaxConcurrency", "5", _int_in(1)),
-            max_queue_length=r.get("ChildSessionsMaxQueueLength", "100", _int_in(0)),
+            # At least 1: every task waits in the queue, if only until a worker takes it.
+            max_queue_length=r.get("ChildSessionsMaxQueueLength", "100", _int_in(1)),
             default_timeout_ms=r.get("PageBackgroundTaskDefaultTimeout", "00:02:00", _timespan),
             max_timeout_ms=r.get("PageBackgroundTaskMaxTimeout", "00:10:00", _timespan),
         )

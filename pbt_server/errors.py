@@ -59,6 +59,18 @@ class AuthenticationFailed(PbtError):
     code = "AuthenticationFailed"
 
 
+class ServerBusy(PbtError):
+    """The server already has ``MaxConnections`` connections open."""
+
+    code = "ServerBusy"
+
+
+class TooManyPages(PbtError):
+    """The session already has ``MAX_PAGES`` pages open."""
+
+    code = "TooManyPages"
+
+
 class PageNotFound(PbtError):
     """The request named a page this session never opened."""
 

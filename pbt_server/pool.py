@@ -21,12 +21,14 @@ import multiprocessing
 import os
 import signal
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import psutil
 
 from pbt_server import proctree
+from pbt_server.logs import queue_fds, retire_worker_handler
 from pbt_server.protocol import pack, pipe_unpacker
 from workers.main import EXIT_BOOT_FAILURE, WorkerSpec, run_worker
 
@@ -69,6 +71,7 @@ class Worker:
     task: Task | None = None
     tasks_done: int = 0
     pending: bytearray = field(default_factory=bytearray)  # job bytes the pipe did not take
+    log_handler: logging.Handler | None = None
     timer: asyncio.TimerHandle | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
     _ps: psutil.Process | None = None
@@ -119,7 +122,9 @@ class WorkerPool:
         self.boot_failures = 0
         self.last_boot_error = ""
         self.stopping = False
-        self.log_handler: logging.Handler | None = None
+        # Builds each worker's own multiprocessing-logging handler (logs.py says why).
+        self.log_handler_factory: Callable[[str], logging.Handler] | None = None
+        self.fork_failures = 0
         self._gen = 0
         self._ready_waiter: asyncio.Future[None] | None = None
         self._reaped = asyncio.Event()  # set whenever a worker process has been reaped
@@ -145,50 +150,94 @@ class WorkerPool:
         finally:
             self._ready_waiter = None
 
-    def spawn(self, slot: int) -> Worker:
-        job_r, job_w = os.pipe()
-        res_r, res_w = os.pipe()
-        os.set_blocking(job_w, False)
-        os.set_blocking(res_r, False)
-        self._gen += 1
-        spec = WorkerSpec(
-            slot=slot,
-            gen=self._gen,
-            job_r=job_r,
-            res_w=res_w,
-            close_fds=(job_w, res_r, *self._fds()),
-            broker_pid=os.getpid(),
-            database_url=self.database_url,
-            max_result_bytes=self.max_result_bytes,
-            log_handler=self.log_handler,
-        )
-        # daemon=True: if the broker ever exits without stopping us, multiprocessing's atexit
-        # terminates workers instead of joining them (a join would wait on our own pipes).
-        process = _MP.Process(
-            target=run_worker, args=(spec,), name=f"pbt-worker-{slot}", daemon=True
-        )
-        process.start()
+    def spawn(self, slot: int) -> Worker | None:
+        """Fork a worker into ``slot``; if the OS refuses (no fds, no memory), retry later."""
+        try:
+            worker = self._fork(slot)
+        except OSError as err:
+            self.fork_failures += 1
+            delay = min(0.1 * 2**self.fork_failures, BOOT_BACKOFF_MAX)
+            log.error("cannot start a worker in slot %d: %s; retrying in %.1f s", slot, err, delay)
+            self.loop.call_later(delay, self._respawn_if_empty, slot)
+            return None
+        self.fork_failures = 0
+        return worker
+
+    def replace(self, slot: int) -> None:
+        """Refill ``slot`` on the next loop turn, so the caller's outcome goes out first."""
+        if not self.stopping:
+            self.loop.call_soon(self._respawn_if_empty, slot)
+
+    def _fork(self, slot: int) -> Worker:
+        opened: list[int] = []
+        handler: logging.Handler | None = None
+        try:
+            job_r, job_w = os.pipe()
+            opened += (job_r, job_w)
+            res_r, res_w = os.pipe()
+            opened += (res_r, res_w)
+            os.set_blocking(job_w, False)
+            os.set_blocking(res_r, False)
+            self._gen += 1
+            if self.log_handler_factory is not None:
+                handler = self.log_handler_factory(f"pbt-worker-log-{slot}.{self._gen}")
+            spec = WorkerSpec(
+                slot=slot,
+                gen=self._gen,
+                job_r=job_r,
+                res_w=res_w,
+                close_fds=(job_w, res_r, *self._fds()),
+                broker_pid=os.getpid(),
+                database_url=self.database_url,
+                max_result_bytes=self.max_result_bytes,
+                log_handler=handler,
+            )
+            # daemon=True: if the broker ever exits without stopping us, multiprocessing's
+            # atexit terminates workers instead of joining them (a join would wait on our pipes).
+            process = _MP.Process(
+                target=run_worker, args=(spec,), name=f"pbt-worker-{slot}", daemon=True
+            )
+            process.start()
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            if handler is not None:
+                retire_worker_handler(handler)
+            raise
         os.close(job_r)
         os.close(res_w)
         pid = process.pid
         assert pid is not None
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)  # both sides call it, so killpg works from the first instant
-        worker = Worker(
-            slot, self._gen, process, pid, job_w, res_r, os.pidfd_open(pid), pipe_unpacker()
-        )
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # unwatchable: never let it run
+            process.join()
+            process.close()
+            for fd in (job_w, res_r):
+                os.close(fd)
+            if handler is not None:
+                retire_worker_handler(handler)
+            raise
+        worker = Worker(slot, self._gen, process, pid, job_w, res_r, pidfd, pipe_unpacker())
+        worker.log_handler = handler
         self.slots[slot] = worker
         self.loop.add_reader(res_r, self._on_readable, worker)
-        self.loop.add_reader(worker.pidfd, self._on_exit, worker)
+        self.loop.add_reader(pidfd, self._on_exit, worker)
         log.debug("worker %d (slot %d, gen %d) forked", pid, slot, worker.gen)
         return worker
 
     def _fds(self) -> list[int]:
-        """Every pipe end and pidfd of the live workers: a new worker must not hold them."""
+        """Every fd a new worker must not hold: the other workers' pipes, pidfds, sentinels
+        and log queues (holding a dead worker's queue open would keep its reader waiting)."""
         fds: list[int] = []
         for worker in self.workers():
-            fds += (worker.job_w, worker.res_r, worker.pidfd)
-        return fds
+            fds += (worker.job_w, worker.res_r, worker.pidfd, worker.process.sentinel)
+            if worker.log_handler is not None:
+                fds += queue_fds(worker.log_handler)
+        return [fd for fd in fds if fd >= 0]
 
     def workers(self) -> list[Worker]:
         return [w for w in self.slots if w is not None] + list(self.others)
@@ -265,8 +314,8 @@ class WorkerPool:
         ):
             return  # a late word from an incarnation we already gave up on
         if op == "ready":
-            if worker.exited:
-                return  # said ready, then died: _on_exit treats it as a boot failure
+            if worker.exited or worker.state is not WorkerState.BOOTING:
+                return  # died right after (a boot failure), or retired while booting
             worker.state = WorkerState.IDLE  # BOOTING -> IDLE
             self.boot_failures = 0
             self._check_all_ready()
@@ -318,22 +367,21 @@ class WorkerPool:
         """SIGKILL the worker's whole tree now and put a fresh worker in its slot."""
         if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
             return
-        proctree.kill_tree(worker.pid)
+        proctree.kill_tree(worker.pid, worker.pidfd)
         owned_slot = self.slots[worker.slot] is worker  # a retiring one was replaced already
         self._detach(worker, WorkerState.KILLED)
         log.info("worker %d killed (%s)", worker.pid, reason)
-        if owned_slot and not self.stopping:
-            self.spawn(worker.slot)
+        if owned_slot:
+            self.replace(worker.slot)
 
     def retire(self, worker: Worker) -> None:
         """Let an idle worker exit cleanly (its logs flush) and replace it."""
         self._detach(worker, WorkerState.RETIRING)
         log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
-        # A worker whose log feeder is stuck (a killed worker held the shared queue lock,
-        # package-notes §1.5) would hang in its exit handler forever: give it a deadline.
+        # Whatever keeps a retired worker from exiting (a codeunit's stuck finalizer, say),
+        # it does not get to run on: it has a deadline.
         self.loop.call_later(RETIRE_GRACE, self._kill_if_retiring, worker)
-        if not self.stopping:
-            self.spawn(worker.slot)
+        self.replace(worker.slot)
 
     def _kill_if_retiring(self, worker: Worker) -> None:
         if worker.state is WorkerState.RETIRING and not worker.exited:
@@ -375,6 +423,8 @@ class WorkerPool:
         os.close(worker.res_r)
         self._close_job_pipe(worker)
         worker.process.close()
+        if worker.log_handler is not None:
+            retire_worker_handler(worker.log_handler)
         previous = worker.state
         self._detach(worker, WorkerState.DEAD)
         self.others.discard(worker)
@@ -388,7 +438,7 @@ class WorkerPool:
             self._boot_failed(worker, code, how)
             return
         log.error("worker %d died: %s", worker.pid, how)
-        self.spawn(worker.slot)
+        self.replace(worker.slot)
         if worker.task is not None:
             task, worker.task = worker.task, None
             self.listener.worker_crashed(worker, task, how)

@@ -59,12 +59,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int) -> list[int]:
-    """SIGKILL ``pid``, its process group and its descendants; return the descendants' pids.
+def kill_tree(pid: int, pidfd: int) -> list[int]:
+    """SIGKILL the worker ``pid``, its process group and its descendants.
 
-    ``pid`` must be an unreaped child of ours, so it cannot have been reused (notes §3.3).
-    The caller reaps ``pid``; descendants reparent to us (subreaper) and are reaped by
-    :func:`reap_orphans`.
+    Returns the descendants' pids. The worker is signalled through its pidfd, which names
+    that very process even if multiprocessing reaped it behind our back (``Process.start``
+    polls every child); only while it is unreaped do we also trust its pid as a group id
+    (a pid held by a zombie or a live group cannot be reused, notes §3.3). The caller reaps
+    the worker; descendants reparent to us (subreaper) and :func:`reap_orphans` reaps them.
     """
     descendants: list[psutil.Process] = []
     if children(pid):
@@ -72,11 +74,13 @@ def kill_tree(pid: int) -> list[int]:
             descendants = psutil.Process(pid).children(recursive=True)
         except psutil.Error:
             descendants = []
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return []  # already reaped: its pid may be anyone's now; the sweep finds leftovers
     # ProcessLookupError: the group is already empty, or the worker had not yet called setpgid.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
     for proc in descendants:
         with contextlib.suppress(psutil.Error):
             proc.kill()  # psutil checks (pid, create_time): a reused pid is left alone

@@ -17,6 +17,7 @@ from pbt_server.errors import AuthenticationFailed, PbtError, ProtocolError
 from pbt_server.protocol import FrameDecoder, Hello, Request, encode_frame, parse_request
 
 HELLO_TIMEOUT: Final = 10.0  # a connection that never says hello is closed
+HELLO_MAX_FRAME: Final = 4096  # before hello, nobody gets to make us buffer a large frame
 WRITE_HIGH_WATER: Final = 4 << 20  # stop reading a client that does not read its events
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, handler: RequestHandler, *, max_frame: int, tcp: bool) -> None:
         self.handler = handler
         self.tcp = tcp
-        self.decoder = FrameDecoder(max_frame)
+        self.max_frame = max_frame
+        self.decoder = FrameDecoder(HELLO_MAX_FRAME)
         self.transport: asyncio.Transport | None = None
         self.session_id = 0  # set by the broker on hello
         self.peer = ""
@@ -52,7 +54,10 @@ class ClientConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if self.tcp and peer else "unix"
         loop = asyncio.get_running_loop()
         self._hello_timer = loop.call_later(HELLO_TIMEOUT, self._hello_expired)
-        self.handler.connection_made(self)
+        try:
+            self.handler.connection_made(self)
+        except PbtError as err:
+            self.fail(err)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -83,9 +88,11 @@ class ClientConnection(asyncio.Protocol):
                 PbtError("internal server error; see the server log", code="InternalError"), rid
             )
             return
-        if isinstance(request, Hello) and self._hello_timer is not None:
-            self._hello_timer.cancel()
-            self._hello_timer = None
+        if isinstance(request, Hello):
+            self.decoder.max_frame = self.max_frame
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
+                self._hello_timer = None
         reply["op"] = "reply"
         reply["rid"] = request.rid
         self.send(reply)

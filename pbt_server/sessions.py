@@ -40,6 +40,7 @@ from pbt_server.errors import (
     PageClosed,
     PageNotFound,
     QueueFull,
+    TooManyPages,
     UnknownCodeunit,
 )
 from pbt_server.protocol import MAX_PARAMETERS
@@ -59,6 +60,7 @@ class TaskState(enum.Enum):
 
 
 _ACTIVE = frozenset({TaskState.WAITING, TaskState.STARTING, TaskState.RUNNING})
+MAX_PAGES = 1024  # open pages per session: a real client has a few dozen; memory is bounded
 ERROR_LEVELS = frozenset({"Ignore", "Warning", "Error"})
 
 
@@ -77,6 +79,7 @@ class Task:
     state: TaskState = TaskState.WAITING
     started_at: float | None = None
     cancel_reason: str = ""
+    requeued: bool = False  # put back once after its worker died before starting it
 
     def __repr__(self) -> str:
         return f"<Task s{self.session.id}/t{self.id} job={self.job} {self.state.value}>"
@@ -151,6 +154,8 @@ class Scheduler:
         return cancelled
 
     def open_page(self, session: Session, name: str, record: str) -> Page:
+        if len(session.pages) >= MAX_PAGES:
+            raise TooManyPages(f"session {session.id} already has {MAX_PAGES} pages open")
         session.last_page_id += 1
         page = Page(session.last_page_id, name, record)
         session.pages[page.id] = page
@@ -263,6 +268,22 @@ class Scheduler:
         assert task.state is TaskState.STARTING, task
         task.state = TaskState.RUNNING  # STARTING -> RUNNING
         task.started_at = self.clock()
+
+    def requeue(self, task: Task) -> None:
+        """Put a task whose worker died before acknowledging it back at the head of its queue.
+
+        The codeunit never started (the worker says ``started`` before running it), so running
+        it on another worker is safe. Only once: a second time, the caller fails the task.
+        """
+        assert task.state is TaskState.STARTING, task
+        assert not task.requeued, task
+        task.state = TaskState.WAITING  # STARTING -> WAITING
+        task.requeued = True
+        session = task.session
+        session.running -= 1
+        session.waiting += 1
+        session.queue.appendleft(task)
+        self._mark_ready(session)
 
     def finish(self, task: Task, state: TaskState) -> None:
         """The task ended in the worker (COMPLETED) or failed (FAILED: error, timeout, crash)."""

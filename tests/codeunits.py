@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ LOG = 15
 CONTEXT = 16
 NONE_RESULT = 17
 ESCAPE = 18
+LOG_SPIN = 19
+DIE_AFTER_RETURN = 20
 
 
 @codeunit(NOOP, name="Noop")
@@ -157,3 +160,24 @@ def escape(ctx: ChildSession) -> dict[str, str]:
         check=True,
     )
     return {}
+
+
+@codeunit(LOG_SPIN, name="LogSpin")
+def log_spin(ctx: ChildSession) -> dict[str, str]:
+    """Log as fast as possible until killed: a kill lands mid-write sooner or later."""
+    n = 0
+    while True:
+        n += 1
+        ctx.log.info("spin record %d %s", n, "x" * 200)
+
+
+@codeunit(DIE_AFTER_RETURN, name="DieAfterReturn")
+def die_after_return(ctx: ChildSession) -> dict[str, str]:
+    """Return a result, and have the worker die right after it was sent."""
+
+    def die() -> None:
+        time.sleep(float(ctx.parameters.get("delay", "0")))
+        os._exit(9)
+
+    threading.Thread(target=die, daemon=True).start()
+    return {"pid": str(os.getpid())}

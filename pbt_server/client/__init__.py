@@ -252,8 +252,14 @@ class Session(SessionBase):
         except TimeoutError as err:
             where = describe_address(self._address)
             raise ConnectionLost(f"{where}: no answer to hello within {timeout} s") from err
+        except ConnectionLost as err:
+            if self._core.refusal is not None:
+                raise self._core.refusal from err
+            raise
         with self._lock:
-            self._core.welcome(reply)
+            announced = self._core.welcome(reply)
+            # A result may be as large as the broker's MaxFrameBytes, whatever we assumed.
+            self._decoder.max_frame = max(self._decoder.max_frame, announced)
 
     def _request(
         self,

@@ -267,6 +267,7 @@ class Core:
 
     def __init__(self, *, max_frame: int) -> None:
         self.max_frame = max_frame
+        self.refusal: PbtError | None = None  # the broker's reason for refusing us before hello
         self.session_id = 0
         self.on_notification: NotificationCallback | None = None
         self._next_rid = 1
@@ -320,8 +321,14 @@ class Core:
         """Forget a request whose caller stopped waiting; a late answer is ignored."""
         self._pending.pop(pending.rid, None)
 
-    def welcome(self, reply: Message) -> None:
+    def welcome(self, reply: Message) -> int:
+        """Take the hello reply; return the largest frame the broker may send (and accepts)."""
         self.session_id = field(reply, "session", int)
+        announced = reply.get("max_frame")
+        if type(announced) is int and announced > 0:
+            self.max_frame = announced  # what the broker accepts from us
+            return announced
+        return 0
 
     def add_page(self, page: PageState) -> None:
         if self.ended:
@@ -418,7 +425,15 @@ class Core:
         if message["op"] == "error":
             code, text = field(message, "code", str), field(message, "text", str)
             if rid is None:
-                raise ConnectionLost(f"the server refused this connection: {code}: {text}")
+                # Refused before it could answer our hello (e.g. ServerBusy): connect() raises
+                # the server's own reason, as it does for AuthenticationFailed, whether or not
+                # our hello was out yet.
+                if self.session_id == 0:
+                    self.refusal = error_from_wire(code, text)
+                hello = next((p for p in self._pending.values() if p.op == "hello"), None)
+                if hello is None:
+                    raise ConnectionLost(f"the server refused this connection: {code}: {text}")
+                rid = hello.rid
             error = error_from_wire(code, text)
         pending = self._pending.get(rid) if type(rid) is int else None
         if pending is None:
@@ -568,7 +583,11 @@ class Core:
                     note = self._notification(
                         task, task.error_level, error.code, error.text, error.call_stack
                     )
-        except Exception as exc:  # a trigger raised: always severity ERROR (BC)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:  # a trigger raised: always severity ERROR (BC)
+            # BaseException too: a trigger's SystemExit must not end the dispatcher, or no
+            # later trigger would ever run.
             stack = "".join(traceback.format_exception(exc))
             note = self._notification(task, ErrorLevel.ERROR, type(exc).__name__, str(exc), stack)
         if note is None:
@@ -589,7 +608,9 @@ class Core:
             return
         try:
             yield callback, (note,)
-        except Exception:
+        except GeneratorExit:
+            raise
+        except BaseException:
             logger.exception("on_notification raised; ignored")
 
     def _notification(
@@ -649,7 +670,7 @@ def run_dispatch(steps: Generator[Call, object, None]) -> None:
         while True:
             try:
                 value = callback(*args)
-            except Exception as exc:
+            except BaseException as exc:  # Core.dispatch reports it; the dispatcher goes on
                 callback, args = steps.throw(exc)
             else:
                 callback, args = steps.send(value)

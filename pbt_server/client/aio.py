@@ -182,7 +182,11 @@ async def _run_dispatch(steps: Generator[Call, object, None]) -> None:
                 value = callback(*args)
                 if inspect.isawaitable(value):
                     value = await value
-            except Exception as exc:
+            except BaseException as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                    raise  # the dispatcher itself is being cancelled (session closing)
+                # A trigger's own CancelledError or SystemExit: Core.dispatch reports it.
                 callback, args = steps.throw(exc)
             else:
                 callback, args = steps.send(value)
@@ -274,7 +278,14 @@ class Session(SessionBase):
         except TimeoutError as err:
             where = describe_address(self._address)
             raise ConnectionLost(f"{where}: no answer to hello within {seconds} s") from err
-        self._core.welcome(reply)
+        except ConnectionLost as err:
+            if self._core.refusal is not None:
+                raise self._core.refusal from err
+            raise
+        announced = self._core.welcome(reply)
+        # A result may be as large as the broker's MaxFrameBytes, whatever we assumed.
+        decoder = self._connection.decoder
+        decoder.max_frame = max(decoder.max_frame, announced)
 
     async def _request(
         self,

@@ -32,6 +32,7 @@ SPEC_KEYS = {
         "LogFile",
         "LogLevel",
         "MaxFrameBytes",
+        "MaxConnections",
     },
     "AsynchronousProcessing": {
         "ChildSessionsMaxConcurrency",
@@ -76,6 +77,7 @@ def test_defaults(tmp_path: Path) -> None:
             log_file=tmp_path / "var" / "pbt-server.log",
             log_level="INFO",
             max_frame_bytes=1048576,
+            max_connections=4096,
         ),
         asynchronous_processing=AsyncSection(
             max_concurrency=5,
@@ -135,10 +137,11 @@ PidFile = /srv/pbt/pbt.pid
 LogFile = logs/pbt.log   ; inline comment
 LogLevel = debug
 MaxFrameBytes = 2048
+MaxConnections = 10
 
 [AsynchronousProcessing]
 ChildSessionsMaxConcurrency = 2
-ChildSessionsMaxQueueLength = 0
+ChildSessionsMaxQueueLength = 1
 PageBackgroundTaskDefaultTimeout = 00:00:30
 PageBackgroundTaskMaxTimeout = 01:00:00
 
@@ -163,8 +166,9 @@ Modules = workers.demo, mypkg.cues
         log_file=tmp_path / "logs" / "pbt.log",
         log_level="DEBUG",
         max_frame_bytes=2048,
+        max_connections=10,
     )
-    assert config.asynchronous_processing == AsyncSection(2, 0, 30_000, 3_600_000)
+    assert config.asynchronous_processing == AsyncSection(2, 1, 30_000, 3_600_000)
     assert config.workers == WorkersSection(256, 1000, 512)
     assert config.database.url == "postgresql://pbt@db.example/pbt"
     assert config.database.sqlite_path is None
@@ -204,6 +208,8 @@ BAD_VALUES = [
     ("Workers", "MaxMemoryMB", "-1", "must be at least 0"),
     ("AsynchronousProcessing", "ChildSessionsMaxConcurrency", "0", "must be at least 1"),
     ("AsynchronousProcessing", "ChildSessionsMaxQueueLength", "", "not an integer"),
+    ("AsynchronousProcessing", "ChildSessionsMaxQueueLength", "0", "must be at least 1"),
+    ("Server", "MaxConnections", "0", "must be between 1 and 1048576"),
     (
         "AsynchronousProcessing",
         "PageBackgroundTaskMaxTimeout",

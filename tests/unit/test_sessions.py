@@ -214,3 +214,32 @@ def test_started_records_the_ack_time_not_the_enqueue_time():
     s.started(task)
     assert task.enqueued_at == 1000.0
     assert task.started_at == 1006.0
+
+
+def test_a_task_whose_worker_died_before_starting_it_goes_back_to_the_head_once():
+    s = make(max_concurrency=1)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    first, second = enqueue(s, session), enqueue(s, session)
+    assert s.next_task() is first
+    s.requeue(first)
+    assert (session.running, session.waiting) == (0, 2)
+    assert s.next_task() is first  # ahead of `second`
+    assert first.requeued
+    s.started(first)
+    s.finish(first, TaskState.COMPLETED)
+    assert s.next_task() is second
+
+
+def test_page_limit_per_session():
+    from pbt_server.errors import TooManyPages
+    from pbt_server.sessions import MAX_PAGES
+
+    s = make()
+    session = s.open_session()
+    for i in range(MAX_PAGES):
+        s.open_page(session, f"P{i}", "")
+    with pytest.raises(TooManyPages):
+        s.open_page(session, "one too many", "")
+    s.close_page(session, 1)
+    s.open_page(session, "room again", "")
