@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_a_large_frame_before_hello_is_refused(broker):
         sock.connect(str(broker.socket))
         sock.sendall(struct.pack(">I", 100_000))  # fine after hello, not before
         decoder = FrameDecoder(trusted=True)
-        frames: list[dict[str, object]] = []
+        frames: list[dict[str, Any]] = []
         while chunk := sock.recv(65536):
             frames += decoder.feed(chunk)
     assert frames[-1]["code"] == "ProtocolError"
