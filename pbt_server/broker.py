@@ -47,6 +47,7 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -80,7 +81,8 @@ from pbt_server.protocol import (
 from pbt_server.server import ClientConnection
 from pbt_server.sessions import Scheduler, Session, Task, TaskState
 from pbt_server.watchdog import Watchdog
-from workers.registry import load_modules
+from workers.main import socket_fds
+from workers.registry import Codeunit, load_modules
 
 BOOT_TIMEOUT: Final = 60.0
 FD_RESERVE: Final = 64  # fds kept free beyond client connections: listeners, log, forks
@@ -91,11 +93,17 @@ log = logging.getLogger("pbt_server.broker")
 
 
 class Broker:
-    def __init__(self, config: ServerConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        loop: asyncio.AbstractEventLoop,
+        codeunits: Mapping[int, Codeunit],
+        keep_sockets: frozenset[int] = frozenset(),
+    ) -> None:
         self.config = config
         self.loop = loop
         limits = config.asynchronous_processing
-        self.codeunits = load_modules(config.codeunits.modules)
+        self.codeunits = codeunits
         self.scheduler = Scheduler(
             max_concurrency=limits.max_concurrency,
             max_queue_length=limits.max_queue_length,
@@ -111,6 +119,7 @@ class Broker:
             database_url=config.database.url,
             max_result_bytes=config.server.max_frame_bytes - RESULT_OVERHEAD,
             max_tasks_per_worker=config.workers.max_tasks_per_worker,
+            keep_sockets=keep_sockets,
         )
         self.watchdog = Watchdog(
             loop,
@@ -538,15 +547,26 @@ def run_broker(config: ServerConfig, *, log_to_stderr: bool) -> int:
     """Run a broker in the foreground until SIGTERM/SIGINT; return its exit code."""
     logs = BrokerLogging(config.server.log_file, config.server.log_level, to_stderr=log_to_stderr)
     try:
-        return asyncio.run(_main(config, logs))
+        # Imported before the loop exists and before any fork: workers inherit the codeunits,
+        # and sockets the modules open now are theirs to keep (workers close later ones).
+        codeunits = load_modules(config.codeunits.modules)
+        keep_sockets = frozenset(socket_fds())
+        return asyncio.run(_main(config, logs, codeunits, keep_sockets))
     except Exception as err:
-        log.critical("pbt-server failed: %s", err, exc_info=not isinstance(err, RuntimeError))
+        log.critical(
+            "pbt-server failed: %s", err, exc_info=not isinstance(err, RuntimeError | ImportError)
+        )
         return 1
     finally:
         logs.close()
 
 
-async def _main(config: ServerConfig, logs: BrokerLogging) -> int:
-    broker = Broker(config, asyncio.get_running_loop())
+async def _main(
+    config: ServerConfig,
+    logs: BrokerLogging,
+    codeunits: Mapping[int, Codeunit],
+    keep_sockets: frozenset[int],
+) -> int:
+    broker = Broker(config, asyncio.get_running_loop(), codeunits, keep_sockets)
     broker.pool.log_handler_factory = logs.worker_handler
     return await broker.serve()

@@ -109,6 +109,7 @@ class WorkerPool:
         database_url: str,
         max_result_bytes: int,
         max_tasks_per_worker: int,
+        keep_sockets: frozenset[int] = frozenset(),
     ) -> None:
         self.loop = loop
         self.listener = listener
@@ -116,6 +117,7 @@ class WorkerPool:
         self.database_url = database_url
         self.max_result_bytes = max_result_bytes
         self.max_tasks_per_worker = max_tasks_per_worker
+        self.keep_sockets = keep_sockets
         self.slots: list[Worker | None] = [None] * count
         self.idle: deque[Worker] = deque()
         self.others: set[Worker] = set()  # retiring or killed, not yet reaped
@@ -187,6 +189,7 @@ class WorkerPool:
                 job_r=job_r,
                 res_w=res_w,
                 close_fds=(job_w, res_r, *self._fds()),
+                keep_sockets=self.keep_sockets,
                 broker_pid=os.getpid(),
                 database_url=self.database_url,
                 max_result_bytes=self.max_result_bytes,

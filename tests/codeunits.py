@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -31,6 +32,10 @@ NONE_RESULT = 17
 ESCAPE = 18
 LOG_SPIN = 19
 DIE_AFTER_RETURN = 20
+IMPORT_SOCKET = 21
+
+# Opened at import, in the broker, before any fork: workers must keep it usable.
+_IMPORT_PAIR = socket.socketpair()
 
 
 @codeunit(NOOP, name="Noop")
@@ -181,3 +186,16 @@ def die_after_return(ctx: ChildSession) -> dict[str, str]:
 
     threading.Thread(target=die, daemon=True).start()
     return {"pid": str(os.getpid())}
+
+
+@codeunit(IMPORT_SOCKET, name="ImportSocket")
+def import_socket(ctx: ChildSession) -> dict[str, str]:
+    _IMPORT_PAIR[0].sendall(b"ping")
+    sockets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                sockets.append(fd)
+        except FileNotFoundError:
+            pass  # the directory listing's own fd
+    return {"echo": _IMPORT_PAIR[1].recv(4).decode(), "sockets": str(len(sockets))}

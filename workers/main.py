@@ -45,6 +45,7 @@ class WorkerSpec:
     job_r: int
     res_w: int
     close_fds: tuple[int, ...]
+    keep_sockets: frozenset[int]  # open before the broker started serving: codeunit modules'
     broker_pid: int
     database_url: str
     max_result_bytes: int
@@ -80,7 +81,7 @@ def _prologue(spec: WorkerSpec) -> None:
         # Our records go to the broker's log through multiprocessing-logging's queue; the
         # broker's own queue handler (and its listener thread) did not survive the fork.
         logging.getLogger().handlers = [spec.log_handler]
-    _close_inherited(spec.close_fds)
+    _close_inherited(spec.close_fds, spec.keep_sockets)
     # Die with the broker, even if it is SIGKILLed: orphaned workers would hold pipes forever.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != spec.broker_pid:
@@ -91,17 +92,28 @@ def _prologue(spec: WorkerSpec) -> None:
         os.setpgid(0, 0)
 
 
-def _close_inherited(fds: tuple[int, ...]) -> None:
-    """Close the broker's fds: its sockets (clients would see no EOF) and other workers' pipes."""
+def _close_inherited(fds: tuple[int, ...], keep_sockets: frozenset[int]) -> None:
+    """Close the broker's fds: other workers' pipes, and every socket the broker opened to
+    serve (listeners, clients: a client would see no EOF while we held its socket). Sockets
+    that existed before, opened by codeunit modules at import, stay: their Python objects
+    still own those fd numbers."""
     for fd in fds:
         _close(fd)
+    for fd in socket_fds() - keep_sockets:
+        _close(fd)
+
+
+def socket_fds() -> set[int]:
+    """The fds of this process that are sockets."""
+    found = set()
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
             if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                _close(fd)
+                found.add(fd)
         except OSError:
             continue
+    return found
 
 
 def _close(fd: int) -> None:

@@ -113,3 +113,17 @@ def test_a_trigger_raising_systemexit_does_not_stop_later_triggers(broker):
         wait_until(lambda: len(done) == 2 and notes)
     assert done == [2, 3]
     assert (notes[0].severity, notes[0].code) == (ErrorLevel.ERROR, "SystemExit")
+
+
+def test_workers_keep_module_sockets_and_hold_no_client_socket(broker):
+    with broker.connect() as session, broker.connect() as other:
+        other.ping()
+        page = session.open_page("P")
+        # force a worker forked now, while two clients are connected
+        running = page.enqueue_background_task(cu.SLEEP, {"seconds": "30"})
+        wait_until(lambda: any(w["task"] for w in broker.status()["workers"]))
+        running.cancel()
+        for _ in range(4):  # both workers, whichever takes it
+            results = page.enqueue_background_task(cu.IMPORT_SOCKET).result(timeout=10)
+            assert results["echo"] == "ping"
+            assert results["sockets"] == "2"  # the module's socketpair, nothing of the broker's
