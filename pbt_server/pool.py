@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from pbt_server.sessions import Task
 
 _MP: Final = multiprocessing.get_context("fork")
-BOOT_RETRY_LIMIT: Final = 5  # consecutive boot failures before the pool gives up
+BOOT_RETRY_LIMIT: Final = 8  # consecutive boot failures (~20 s of backoff) before giving up
 BOOT_BACKOFF_MAX: Final = 10.0
 RETIRE_GRACE: Final = 10.0  # seconds a retired worker may take to exit
 SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)

@@ -147,3 +147,23 @@ def test_a_worker_that_cannot_boot_stops_the_start(start_broker, tmp_path):
     with pytest.raises(AssertionError, match="exited with 1") as caught:
         BrokerProcess.start({"Database": {"Url": f"sqlite:///{tmp_path}/missing.db"}})
     assert "does not exist" in str(caught.value)
+
+
+def test_a_worker_that_cannot_boot_later_is_retried_with_backoff_not_in_a_loop(start_broker):
+    broker = start_broker({"Workers": {"Count": "1"}})
+    database = broker.directory / "test.db"
+    hidden = broker.directory / "hidden.db"
+    with broker.connect() as session:
+        page = session.open_page("P")
+        database.rename(hidden)  # the running worker keeps its open connection
+        running = page.enqueue_background_task(cu.SLEEP, {"seconds": "30"})
+        wait_until(lambda: broker.status()["workers"][0]["task"] is not None)
+        running.cancel()  # kills the worker; its replacement cannot open the database
+        waiting = page.enqueue_background_task(cu.DB_READ)
+        wait_until(lambda: "retrying in" in broker.log_text())
+        hidden.rename(database)
+        # the task waited (it was never failed) and runs once a worker boots again
+        assert waiting.result(timeout=30) == {"blocked": "10"}
+    log = broker.log_text()
+    assert 1 <= log.count("worker failed to boot") <= 4  # backoff, not a respawn loop
+    assert "does not exist" in log
