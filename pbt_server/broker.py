@@ -81,6 +81,7 @@ from pbt_server.protocol import (
 from pbt_server.server import ClientConnection
 from pbt_server.sessions import Scheduler, Session, Task, TaskState
 from pbt_server.watchdog import Watchdog
+from workers.database import preload
 from workers.main import socket_fds
 from workers.registry import Codeunit, load_modules
 
@@ -550,6 +551,7 @@ def run_broker(config: ServerConfig, *, log_to_stderr: bool) -> int:
         # Imported before the loop exists and before any fork: workers inherit the codeunits,
         # and sockets the modules open now are theirs to keep (workers close later ones).
         codeunits = load_modules(config.codeunits.modules)
+        preload(config.database.url)  # e.g. psycopg: imported once here, not in every worker
         keep_sockets = frozenset(socket_fds())
         return asyncio.run(_main(config, logs, codeunits, keep_sockets))
     except Exception as err:

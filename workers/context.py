@@ -6,7 +6,10 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.database import Database
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -25,7 +28,7 @@ class ChildSession:
     """
 
     parameters: Mapping[str, str]
-    db: Any
+    db: Database
     task_id: int
     session_id: int
     record_id: str
