@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -47,6 +48,7 @@ import signal
 import socket
 import stat
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -86,6 +88,7 @@ from workers.main import socket_fds
 from workers.registry import Codeunit, load_modules
 
 BOOT_TIMEOUT: Final = 60.0
+SUMMARY_INTERVAL: Final = 60.0  # seconds between INFO summaries of task outcomes
 FD_RESERVE: Final = 64  # fds kept free beyond client connections: listeners, log, forks
 STOP_GRACE: Final = 10.0
 RESULT_OVERHEAD: Final = 256  # a completed event's own fields around the results map
@@ -136,6 +139,8 @@ class Broker:
         self.max_connections = config.server.max_connections
         self.stopping = False
         self.exit_code = 0
+        self.tally = Tally()
+        self._summary: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -160,9 +165,23 @@ class Broker:
             self.config.server.socket_path,
             f", tcp {self._tcp_text()}" if self.config.server.tcp_address else "",
         )
+        # What exists now lives as long as the broker: keep it out of every GC pass.
+        gc.freeze()
+        self._summary = self.loop.call_later(SUMMARY_INTERVAL, self._summarize)
         await self._stop.wait()
+        if self._summary is not None:
+            self._summary.cancel()
         await self._shutdown()
+        self._summarize()
         return self.exit_code
+
+    def _summarize(self) -> None:
+        """Log what happened to the tasks since the last summary (INFO), if anything did."""
+        text = self.tally.take()
+        if text:
+            log.info("tasks since the last summary: %s", text)
+        if not self.stopping:
+            self._summary = self.loop.call_later(SUMMARY_INTERVAL, self._summarize)
 
     def _on_signal(self, signum: int) -> None:
         # Only record; the loop does the work (handlers must not act, STYLE.md).
@@ -336,13 +355,24 @@ class Broker:
             if worker is not None:
                 worker.task = None
                 self.pool.kill(worker, f"task s{task.session.id}/t{task.id} cancelled")
-            log.info("task s%d/t%d cancelled (%s)", task.session.id, task.id, reason)
+            log.debug("task s%d/t%d cancelled (%s)", task.session.id, task.id, reason)
+            self.tally.add("cancelled", reason)
             self._send(
                 task,
                 {"op": "cancelled", "code": reason, "text": f"the task was cancelled: {reason}"},
             )
-        if tasks and not self.stopping:
-            self._dispatch()
+        if tasks:
+            # One line, not one per task: closing a session with 10^5 waiting tasks must not
+            # hold the loop for seconds of logging.
+            first = tasks[0]
+            log.info(
+                "session %d: %s cancelled (%s)",
+                first.session.id,
+                f"task {first.id}" if len(tasks) == 1 else f"{len(tasks)} tasks",
+                code or first.cancel_reason,
+            )
+            if not self.stopping:
+                self._dispatch()
         return [task.id for task in tasks]
 
     def _worker_of(self, task: Task) -> Worker | None:
@@ -360,6 +390,7 @@ class Broker:
 
     def _fail(self, task: Task, code: str, text: str, stack: str = "") -> None:
         self.scheduler.finish(task, TaskState.FAILED)
+        self.tally.add("failed", code)
         self._send(task, {"op": "failed", "code": code, "text": text, "stack": stack})
 
     def _dispatch(self) -> None:
@@ -386,9 +417,12 @@ class Broker:
         self.watchdog.disarm(worker)
         self.scheduler.finish(task, TaskState.COMPLETED)
         self._send(task, {"op": "completed", "results": results})
-        if log.isEnabledFor(logging.INFO):
+        self.tally.add("completed", "")
+        # DEBUG, not INFO: a line per completed task halves throughput (the listener thread
+        # competes for the GIL); INFO gets the periodic summary instead.
+        if log.isEnabledFor(logging.DEBUG):
             assert task.started_at is not None
-            log.info(
+            log.debug(
                 "task s%d/t%d completed: codeunit %d, waited %.1f ms, ran %.1f ms",
                 task.session.id,
                 task.id,
@@ -501,6 +535,28 @@ class Broker:
             "sessions": sessions,
             "workers": workers,
         }
+
+
+class Tally:
+    """Counts of task outcomes, by kind and code, between two summaries."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, kind: str, code: str) -> None:
+        self.counts[kind, code] += 1
+
+    def take(self) -> str:
+        """``"120 completed, 3 failed (ValueError 2, ChildSessionTaskTimeout 1)"``; resets."""
+        parts = []
+        for kind in ("completed", "failed", "cancelled"):
+            codes = {code: n for (k, code), n in self.counts.items() if k == kind}
+            total = sum(codes.values())
+            if total:
+                detail = ", ".join(f"{c} {n}" for c, n in sorted(codes.items()) if c)
+                parts.append(f"{total} {kind}" + (f" ({detail})" if detail else ""))
+        self.counts.clear()
+        return ", ".join(parts)
 
 
 def _fit_fd_limit(wanted_connections: int, reserve: int) -> int:

@@ -203,6 +203,11 @@ def _rollback(db: Any) -> None:
 def _reap_children() -> None:
     """Kill what a codeunit left running: a finished child session leaves nothing behind."""
     try:
+        # ~1 µs, against ~30 µs for the /proc scan below: ECHILD means no child at all.
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return
+    try:
         tasks = os.listdir("/proc/self/task")
         children = [
             pid for tid in tasks for pid in _read_children(f"/proc/self/task/{tid}/children")

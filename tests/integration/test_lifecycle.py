@@ -35,7 +35,9 @@ def test_graceful_stop_cancels_tasks_and_tells_clients(start_broker):
     session.close()
     assert not broker.socket.exists()
     assert not any(psutil.pid_exists(pid) for pid in workers)
-    assert "stopping: SIGTERM received" in broker.log_text()
+    log = broker.log_text()
+    assert "stopping: SIGTERM received" in log
+    assert "tasks since the last summary: 2 cancelled (ServerShuttingDown 2)" in log
 
 
 def _cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:

@@ -243,3 +243,16 @@ def test_page_limit_per_session():
         s.open_page(session, "one too many", "")
     s.close_page(session, 1)
     s.open_page(session, "room again", "")
+
+
+def test_tally_summarises_outcomes_by_kind_and_code():
+    from pbt_server.broker import Tally
+
+    tally = Tally()
+    for kind, code in [("completed", "")] * 3 + [
+        ("failed", "ValueError"),
+        ("cancelled", "RecordChanged"),
+    ]:
+        tally.add(kind, code)
+    assert tally.take() == "3 completed, 1 failed (ValueError 1), 1 cancelled (RecordChanged 1)"
+    assert tally.take() == ""
