@@ -499,31 +499,9 @@ class Broker:
             {"id": s.id, "pages": len(s.pages), "waiting": s.waiting, "running": s.running}
             for s in self.scheduler.sessions.values()
         ]
-        workers = []
-        for slot, worker in enumerate(self.pool.slots):
-            if worker is None:
-                workers.append(
-                    {
-                        "slot": slot,
-                        "pid": None,
-                        "state": "down",
-                        "rss": 0,
-                        "tasks_done": 0,
-                        "task": None,
-                    }
-                )
-                continue
-            task = worker.task
-            workers.append(
-                {
-                    "slot": slot,
-                    "pid": worker.pid,
-                    "state": worker.state.value,
-                    "rss": worker.rss() if worker.state is not WorkerState.BOOTING else 0,
-                    "tasks_done": worker.tasks_done,
-                    "task": f"s{task.session.id}/t{task.id}" if task else None,
-                }
-            )
+        workers = [_worker_status(slot, worker) for slot, worker in enumerate(self.pool.slots)]
+        if self.pool.standby is not None:
+            workers.append(_worker_status("standby", self.pool.standby))
         return {
             "server": {
                 "pid": os.getpid(),
@@ -535,6 +513,23 @@ class Broker:
             "sessions": sessions,
             "workers": workers,
         }
+
+
+def _worker_status(slot: int | str, worker: Worker | None) -> dict[str, object]:
+    if worker is None:
+        return {"slot": slot, "pid": None, "state": "down", "rss": 0, "tasks_done": 0, "task": None}
+    task = worker.task
+    state = worker.state.value
+    if task is not None and task.state is TaskState.STARTING:
+        state = "starting"  # handed over, not yet acknowledged: its timeout has not started
+    return {
+        "slot": slot,
+        "pid": worker.pid,
+        "state": state,
+        "rss": worker.rss() if worker.state is not WorkerState.BOOTING else 0,
+        "tasks_done": worker.tasks_done,
+        "task": f"s{task.session.id}/t{task.id}" if task else None,
+    }
 
 
 class Tally:

@@ -43,6 +43,8 @@ _MP: Final = multiprocessing.get_context("fork")
 BOOT_RETRY_LIMIT: Final = 8  # consecutive boot failures (~20 s of backoff) before giving up
 BOOT_BACKOFF_MAX: Final = 10.0
 RETIRE_GRACE: Final = 10.0  # seconds a retired worker may take to exit
+STANDBY: Final = -1  # the slot number of the standby worker
+STANDBY_REFILL_DELAY: Final = 0.02  # let the work a kill freed go first, then fork
 SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,9 @@ class WorkerPool:
         self.max_tasks_per_worker = max_tasks_per_worker
         self.keep_sockets = keep_sockets
         self.slots: list[Worker | None] = [None] * count
+        # One booted spare: a killed worker's slot is refilled at once by promoting it, so
+        # kill+replace costs no fork on the critical path (the refill forks a little later).
+        self.standby: Worker | None = None
         self.idle: deque[Worker] = deque()
         self.others: set[Worker] = set()  # retiring or killed, not yet reaped
         self.boot_failures = 0
@@ -143,6 +148,7 @@ class WorkerPool:
         self._ready_waiter = self.loop.create_future()
         for slot in range(self.count):
             self.spawn(slot)
+        self.spawn(STANDBY)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         try:
             async with asyncio.timeout(boot_limit):
@@ -166,8 +172,21 @@ class WorkerPool:
         return worker
 
     def replace(self, slot: int) -> None:
-        """Refill ``slot`` on the next loop turn, so the caller's outcome goes out first."""
-        if not self.stopping:
+        """Refill ``slot``: with the standby at once if it is ready, else by a fork on the next
+        loop turn (so the caller's outcome goes out first)."""
+        if self.stopping:
+            return
+        standby = self.standby
+        if slot == STANDBY:
+            self.loop.call_later(STANDBY_REFILL_DELAY, self._respawn_if_empty, STANDBY)
+        elif standby is not None and standby.state is WorkerState.IDLE and not standby.exited:
+            self.standby = None
+            standby.slot = slot  # standby -> slot
+            self.slots[slot] = standby
+            self.idle.append(standby)
+            self.loop.call_soon(self.listener.worker_idle, standby)
+            self.loop.call_later(STANDBY_REFILL_DELAY, self._respawn_if_empty, STANDBY)
+        else:
             self.loop.call_soon(self._respawn_if_empty, slot)
 
     def _fork(self, slot: int) -> Worker:
@@ -226,7 +245,10 @@ class WorkerPool:
             raise
         worker = Worker(slot, self._gen, process, pid, job_w, res_r, pidfd, pipe_unpacker())
         worker.log_handler = handler
-        self.slots[slot] = worker
+        if slot == STANDBY:
+            self.standby = worker
+        else:
+            self.slots[slot] = worker
         self.loop.add_reader(res_r, self._on_readable, worker)
         self.loop.add_reader(pidfd, self._on_exit, worker)
         log.debug("worker %d (slot %d, gen %d) forked", pid, slot, worker.gen)
@@ -243,7 +265,8 @@ class WorkerPool:
         return [fd for fd in fds if fd >= 0]
 
     def workers(self) -> list[Worker]:
-        return [w for w in self.slots if w is not None] + list(self.others)
+        standby = [self.standby] if self.standby is not None else []
+        return [w for w in self.slots if w is not None] + standby + list(self.others)
 
     def pids(self) -> set[int]:
         return {w.pid for w in self.workers()}
@@ -321,6 +344,8 @@ class WorkerPool:
                 return  # died right after (a boot failure), or retired while booting
             worker.state = WorkerState.IDLE  # BOOTING -> IDLE
             self.boot_failures = 0
+            if worker is self.standby:
+                return  # waits, booted, until a slot needs it
             self._check_all_ready()
             self.idle.append(worker)
             self.listener.worker_idle(worker)
@@ -371,7 +396,8 @@ class WorkerPool:
         if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
             return
         proctree.kill_tree(worker.pid, worker.pidfd)
-        owned_slot = self.slots[worker.slot] is worker  # a retiring one was replaced already
+        # A retiring one was replaced already; the standby is replaced as a standby.
+        owned_slot = worker is self.standby or self.slots[worker.slot] is worker
         self._detach(worker, WorkerState.KILLED)
         log.info("worker %d killed (%s)", worker.pid, reason)
         if owned_slot:
@@ -398,7 +424,9 @@ class WorkerPool:
             worker.timer = None
         with contextlib.suppress(ValueError):
             self.idle.remove(worker)
-        if self.slots[worker.slot] is worker:
+        if worker is self.standby:
+            self.standby = None
+        elif self.slots[worker.slot] is worker:
             self.slots[worker.slot] = None
         self.others.add(worker)
         self._close_job_pipe(worker)
@@ -477,7 +505,9 @@ class WorkerPool:
         self.loop.call_later(delay, self._respawn_if_empty, worker.slot)
 
     def _respawn_if_empty(self, slot: int) -> None:
-        if not self.stopping and self.slots[slot] is None:
+        if self.stopping:
+            return
+        if (self.standby if slot == STANDBY else self.slots[slot]) is None:
             self.spawn(slot)
 
     def _reap_orphans_later(self) -> None:
