@@ -1,0 +1,1 @@
+"""Benchmarks of pbt-server against ready-made process pools (run ``scripts/bench.py``)."""
