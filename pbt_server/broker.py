@@ -82,7 +82,7 @@ from pbt_server.protocol import (
 )
 from pbt_server.server import ClientConnection
 from pbt_server.sessions import Scheduler, Session, Task, TaskState
-from pbt_server.watchdog import Watchdog
+from pbt_server.watchdog import ACK_TIMEOUT, Watchdog
 from workers.database import preload
 from workers.main import socket_fds
 from workers.registry import Codeunit, load_modules
@@ -130,6 +130,7 @@ class Broker:
             max_memory_mb=config.workers.max_memory_mb,
             on_timeout=self._task_timed_out,
             on_memory=self._memory_exceeded,
+            on_no_ack=self._not_acknowledged,
             workers=self.pool.workers,
         )
         self.connections: dict[int, ClientConnection] = {}  # by session id
@@ -399,7 +400,9 @@ class Broker:
             task = self.scheduler.next_task()
             if task is None:
                 return
-            self.pool.assign(idle.popleft(), task)
+            worker = idle.popleft()
+            self.pool.assign(worker, task)
+            self.watchdog.expect_ack(worker)
 
     # --- pool events (pool.PoolListener) --------------------------------------------------
 
@@ -441,7 +444,7 @@ class Broker:
             # The worker died after its previous task, before it read this one: the codeunit
             # never started here. Run it on another worker rather than report a crash.
             log.warning(
-                "worker %d %s before starting task s%d/t%d; requeued",
+                "worker %d %s; task s%d/t%d never started there, so it is requeued",
                 worker.pid,
                 how,
                 task.session.id,
@@ -475,6 +478,14 @@ class Broker:
         )
         self._fail(task, TASK_TIMEOUT, TASK_TIMEOUT_TEXT)
         self._dispatch()
+
+    def _not_acknowledged(self, worker: Worker) -> None:
+        task = worker.task
+        assert task is not None
+        worker.task = None
+        self.pool.kill(worker, "did not acknowledge its task")
+        # Never started, so requeued once (worker_crashed decides); a second time, it fails.
+        self.worker_crashed(worker, task, f"did not start the task within {ACK_TIMEOUT:.0f} s")
 
     def _memory_exceeded(self, worker: Worker, rss: int) -> None:
         task = worker.task

@@ -54,6 +54,7 @@ message from a worker that was killed can never be taken for another task's.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar, Final
@@ -211,9 +212,19 @@ class Status(Request):
     op: ClassVar[str] = "status"
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
+
+
+def _brief(value: object) -> str:
+    """A short, bounded repr of untrusted input (a plain repr of a value nested 1000 deep
+    raises RecursionError; of a large one, builds the whole text first)."""
+    return _REPR.repr(value)
+
+
 def _check_id(name: str, value: object) -> object:
     if type(value) is not int or not 0 <= value <= _INT64_MAX:
-        raise ProtocolError(f"field {name!r} must be a non-negative int64, got {value!r:.80}")
+        raise ProtocolError(f"field {name!r} must be a non-negative int64, got {_brief(value)}")
     return value
 
 
@@ -229,7 +240,7 @@ def _check_timeout(name: str, value: object) -> object:
     if value is None:
         return None
     if type(value) is not int or abs(value) > _INT64_MAX:
-        raise ProtocolError(f"field {name!r} must be an int64 or nil, got {value!r:.80}")
+        raise ProtocolError(f"field {name!r} must be an int64 or nil, got {_brief(value)}")
     return value
 
 

@@ -16,6 +16,9 @@ from typing import Final
 from pbt_server.pool import Worker, WorkerState
 
 MEMORY_INTERVAL: Final = 0.05
+# A healthy worker acknowledges a task within microseconds. One that does not (SIGSTOPped,
+# wedged) would hold the task forever, since the task's own clock starts at the ack.
+ACK_TIMEOUT: Final = 5.0
 
 Expire = Callable[[Worker, str], None]
 
@@ -43,16 +46,27 @@ class Watchdog:
         max_memory_mb: int,
         on_timeout: Callable[[Worker], None],
         on_memory: Callable[[Worker, int], None],
+        on_no_ack: Callable[[Worker], None],
         workers: Callable[[], Iterable[Worker]],
     ) -> None:
         self.loop = loop
         self.limit_bytes = max_memory_mb * 1024 * 1024
         self.on_timeout = on_timeout
         self.on_memory = on_memory
+        self.on_no_ack = on_no_ack
         self.workers = workers
         self._sampler: asyncio.TimerHandle | None = None
 
+    def expect_ack(self, worker: Worker) -> None:
+        """The worker was just handed a task: it must acknowledge it within ACK_TIMEOUT."""
+        self.disarm(worker)
+        worker.timer = self.loop.call_later(
+            ACK_TIMEOUT, self._unacknowledged, worker, worker.gen, worker.task
+        )
+
     def arm(self, worker: Worker, started_at: float, timeout_ms: int) -> None:
+        """The worker acknowledged its task: the task's own timeout runs from now."""
+        self.disarm(worker)
         worker.timer = self.loop.call_at(
             deadline(started_at, timeout_ms), self._expired, worker, worker.gen
         )
@@ -73,6 +87,11 @@ class Watchdog:
         worker.timer = None
         if worker.gen == gen and worker.state is WorkerState.BUSY:
             self.on_timeout(worker)
+
+    def _unacknowledged(self, worker: Worker, gen: int, task: object) -> None:
+        worker.timer = None
+        if worker.gen == gen and worker.state is WorkerState.BUSY and worker.task is task:
+            self.on_no_ack(worker)
 
     def _sample(self) -> None:
         self._sampler = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import struct
 from typing import Any
@@ -12,6 +15,7 @@ from pbt_server.client import BackgroundTaskError, ErrorLevel, Notification, con
 from pbt_server.errors import ServerBusy, TooManyPages
 from pbt_server.protocol import FrameDecoder
 from tests import codeunits as cu
+from tests.broker_process import alive
 from tests.support import wait_until
 
 
@@ -127,3 +131,20 @@ def test_workers_keep_module_sockets_and_hold_no_client_socket(broker):
             results = page.enqueue_background_task(cu.IMPORT_SOCKET).result(timeout=10)
             assert results["echo"] == "ping"
             assert results["sockets"] == "2"  # the module's socketpair, nothing of the broker's
+
+
+def test_a_task_handed_to_a_frozen_worker_runs_elsewhere(start_broker):
+    # The task's clock starts at the worker's ack; a SIGSTOPped worker never acks, so the
+    # watchdog gives it ACK_TIMEOUT, kills it and runs the never-started task elsewhere.
+    broker = start_broker({"Workers": {"Count": "1"}})
+    frozen = broker.worker_pids()[0]  # slot 0 (the standby comes last)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        with broker.connect() as session:
+            task = session.open_page("P").enqueue_background_task(cu.CONTEXT, timeout=300)
+            assert int(task.result(timeout=20)["pid"]) != frozen
+        wait_until(lambda: not alive(frozen))
+        assert "did not start the task within 5 s" in broker.log_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
