@@ -1,0 +1,136 @@
+"""Codeunits for the chaos harness (scripts/chaos.py): one codeunit, many ways to end.
+
+Every run reports the identity it was given (the parameters) and the identity the broker
+gave it (``ctx.task_id``, ``ctx.session_id``, ``ctx.record_id``), so the harness can check
+that each outcome reached the task, page and session that enqueued it. The ``mode``
+parameter picks the behaviour:
+
+========== =========================================================== ==================
+mode       does                                                        expected outcome
+========== =========================================================== ==================
+fast       returns at once                                             completed
+sleep      sleeps ``ms`` milliseconds                                  completed
+spin       burns CPU until the watchdog kills it                       TaskTimeout
+exit       ``os._exit(ms % 256 or 7)``                                 Crashed
+raise      raises ``CodeunitError`` whose text names the task          CHAOS:Raised
+spawn      starts ``sleep 600``, then returns (the worker must kill    completed
+           it)
+spawn_spin starts ``sleep 600``, then spins                            TaskTimeout
+spawn_exit starts ``sleep 600``, then ``os._exit``                     Crashed
+escape     double-forks a ``setsid`` grandchild, then spins (the       TaskTimeout
+           broker, a subreaper, must kill and reap it)
+escape_done double-forks a ``setsid`` grandchild, then returns          completed
+========== =========================================================== ==================
+
+Spawned processes are recorded in ``<pids>/<token>.<n>`` as ``"pid starttime"`` (the
+starttime from ``/proc/<pid>/stat`` tells a reused pid apart).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from workers import ChildSession, CodeunitError, codeunit
+
+CHAOS = 1000
+RAISED_CODE = "CHAOS:Raised"
+
+MODES = (
+    "fast",
+    "sleep",
+    "spin",
+    "exit",
+    "raise",
+    "spawn",
+    "spawn_spin",
+    "spawn_exit",
+    "escape",
+    "escape_done",
+)
+
+
+def starttime(pid: int) -> int:
+    """Field 22 of ``/proc/<pid>/stat``: clock ticks after boot when ``pid`` started."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def _record_child(ctx: ChildSession, pid: int, n: int) -> None:
+    directory = ctx.parameters.get("pids")
+    if not directory:
+        return
+    path = os.path.join(directory, f"{ctx.parameters.get('token', 'x')}.{n}")
+    try:
+        started = starttime(pid)
+    except (OSError, ValueError, IndexError):
+        started = -1
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{pid} {started}")
+    os.rename(path + ".tmp", path)
+
+
+def _spawn(ctx: ChildSession) -> None:
+    child = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    _record_child(ctx, child.pid, 0)
+
+
+def _escape(ctx: ChildSession) -> None:
+    # sh starts a setsid'd sleep in the background and exits: the sleep leaves the worker's
+    # process group and session, and is orphaned (reparented to the nearest subreaper).
+    shell = subprocess.run(
+        ["sh", "-c", "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    _record_child(ctx, int(shell.stdout.strip()), 1)
+
+
+def _spin() -> None:
+    x = 0
+    while True:
+        x += 1
+
+
+def identity(ctx: ChildSession) -> dict[str, str]:
+    """The results every completing mode returns: what it was given and what it saw."""
+    results = dict(ctx.parameters)
+    results["ctx_task"] = str(ctx.task_id)
+    results["ctx_session"] = str(ctx.session_id)
+    results["ctx_record"] = ctx.record_id
+    return results
+
+
+@codeunit(CHAOS, name="Chaos")
+def chaos(ctx: ChildSession) -> dict[str, str]:
+    mode = ctx.parameters.get("mode", "fast")
+    ms = int(ctx.parameters.get("ms", "0"))
+    if mode == "sleep":
+        time.sleep(ms / 1000)
+    elif mode == "spin":
+        _spin()
+    elif mode == "exit":
+        os._exit(ms % 256 or 7)
+    elif mode == "raise":
+        raise CodeunitError(
+            f"raised by {ctx.parameters.get('token')} (task {ctx.task_id})", code=RAISED_CODE
+        )
+    elif mode == "spawn":
+        _spawn(ctx)
+    elif mode == "spawn_spin":
+        _spawn(ctx)
+        _spin()
+    elif mode == "spawn_exit":
+        _spawn(ctx)
+        os._exit(9)
+    elif mode == "escape":
+        _escape(ctx)
+        _spin()
+    elif mode == "escape_done":
+        _escape(ctx)
+    elif mode != "fast":
+        raise CodeunitError(f"unknown chaos mode {mode!r}", code="CHAOS:BadMode")
+    return identity(ctx)
