@@ -17,7 +17,6 @@ from types import ModuleType
 
 import pytest
 
-
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("PBT_CHAOS_SEED", "20251124"))
 

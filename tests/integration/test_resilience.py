@@ -46,7 +46,11 @@ def test_a_task_handed_to_a_worker_that_died_meanwhile_runs_elsewhere(start_brok
                 # only a task the dying worker had acknowledged may fail with it
                 assert error.code == "ChildSessionCrashed"
                 started = f"task s{session.id}/t{innocent.id} started in worker"
-                wait_until(lambda started=started: started in broker.log_text())
+
+                def acknowledged(line: str = started) -> bool:
+                    return line in broker.log_text()
+
+                wait_until(acknowledged)
     # and the race this is about did happen: a never-started task ran on another worker
     assert "never started there, so it is requeued" in broker.log_text()
 
