@@ -48,7 +48,6 @@ import signal
 import socket
 import stat
 import time
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -67,7 +66,7 @@ from pbt_server.errors import (
     ServerShuttingDown,
 )
 from pbt_server.logs import BrokerLogging
-from pbt_server.pool import Worker, WorkerPool, WorkerState
+from pbt_server.pool import Worker, WorkerPool
 from pbt_server.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -80,6 +79,7 @@ from pbt_server.protocol import (
     SetRecord,
     Status,
 )
+from pbt_server.report import Tally, status_report
 from pbt_server.server import ClientConnection
 from pbt_server.sessions import Scheduler, Session, Task, TaskState
 from pbt_server.watchdog import ACK_TIMEOUT, Watchdog
@@ -505,64 +505,14 @@ class Broker:
     # --- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
-        server = self.config.server
-        sessions = [
-            {"id": s.id, "pages": len(s.pages), "waiting": s.waiting, "running": s.running}
-            for s in self.scheduler.sessions.values()
-        ]
-        workers = [_worker_status(slot, worker) for slot, worker in enumerate(self.pool.slots)]
-        if self.pool.standby is not None:
-            workers.append(_worker_status("standby", self.pool.standby))
-        return {
-            "server": {
-                "pid": os.getpid(),
-                "version": __version__,
-                "uptime": round(time.monotonic() - self.started, 3),
-                "socket": str(server.socket_path),
-                "tcp": self._tcp_text() or None,
-            },
-            "sessions": sessions,
-            "workers": workers,
-        }
-
-
-def _worker_status(slot: int | str, worker: Worker | None) -> dict[str, object]:
-    if worker is None:
-        return {"slot": slot, "pid": None, "state": "down", "rss": 0, "tasks_done": 0, "task": None}
-    task = worker.task
-    state = worker.state.value
-    if task is not None and task.state is TaskState.STARTING:
-        state = "starting"  # handed over, not yet acknowledged: its timeout has not started
-    return {
-        "slot": slot,
-        "pid": worker.pid,
-        "state": state,
-        "rss": worker.rss() if worker.state is not WorkerState.BOOTING else 0,
-        "tasks_done": worker.tasks_done,
-        "task": f"s{task.session.id}/t{task.id}" if task else None,
-    }
-
-
-class Tally:
-    """Counts of task outcomes, by kind and code, between two summaries."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
-
-    def add(self, kind: str, code: str) -> None:
-        self.counts[kind, code] += 1
-
-    def take(self) -> str:
-        """``"120 completed, 3 failed (ValueError 2, ChildSessionTaskTimeout 1)"``; resets."""
-        parts = []
-        for kind in ("completed", "failed", "cancelled"):
-            codes = {code: n for (k, code), n in self.counts.items() if k == kind}
-            total = sum(codes.values())
-            if total:
-                detail = ", ".join(f"{c} {n}" for c, n in sorted(codes.items()) if c)
-                parts.append(f"{total} {kind}" + (f" ({detail})" if detail else ""))
-        self.counts.clear()
-        return ", ".join(parts)
+        return status_report(
+            sessions=self.scheduler.sessions.values(),
+            slots=self.pool.slots,
+            standby=self.pool.standby,
+            uptime=time.monotonic() - self.started,
+            socket_path=str(self.config.server.socket_path),
+            tcp=self._tcp_text() or None,
+        )
 
 
 def _fit_fd_limit(wanted_connections: int, reserve: int) -> int:

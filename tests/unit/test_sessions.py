@@ -246,7 +246,7 @@ def test_page_limit_per_session():
 
 
 def test_tally_summarises_outcomes_by_kind_and_code():
-    from pbt_server.broker import Tally
+    from pbt_server.report import Tally
 
     tally = Tally()
     for kind, code in [("completed", "")] * 3 + [
