@@ -59,7 +59,7 @@ class WorkerState(enum.Enum):
     DEAD = "dead"
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, repr=False)
 class Worker:
     slot: int
     gen: int
@@ -77,6 +77,11 @@ class Worker:
     timer: asyncio.TimerHandle | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
     _ps: psutil.Process | None = None
+
+    def __repr__(self) -> str:
+        # Cheap and side-effect free: deque.remove() formats it on a miss, and the dataclass
+        # repr would read /proc through the psutil handle (and fail when fds run out).
+        return f"<Worker slot={self.slot} gen={self.gen} pid={self.pid} {self.state.value}>"
 
     def rss(self) -> int:
         """Resident memory in bytes (cached psutil handle: ~30 µs); 0 once gone."""
