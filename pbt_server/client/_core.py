@@ -270,6 +270,9 @@ class Core:
         self.refusal: PbtError | None = None  # the broker's reason for refusing us before hello
         self.session_id = 0
         self.on_notification: NotificationCallback | None = None
+        # Sees every broker frame before it is applied (tracing, test harnesses). It runs
+        # where frames are read (the reader thread, or the event loop) and must not block.
+        self.tap: Callable[[Message], None] | None = None
         self._next_rid = 1
         self._pending: dict[int, PendingRequest] = {}
         self._pages: dict[int, PageState] = {}
@@ -406,6 +409,8 @@ class Core:
             ProtocolError: the frame is malformed.
             ConnectionLost: the broker refused the connection as a whole.
         """
+        if self.tap is not None:
+            self.tap(message)
         op = message["op"]
         if op == "reply" or op == "error":
             self._answer(message)
