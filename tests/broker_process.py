@@ -61,11 +61,19 @@ class BrokerProcess:
     config: Path
     socket: Path
     log: Path
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     process: subprocess.Popen[bytes] | None = None
     seen_workers: set[int] = field(default_factory=set)
 
     @classmethod
-    def start(cls, settings: Mapping[str, Mapping[str, str]] | None = None) -> BrokerProcess:
+    def start(
+        cls,
+        settings: Mapping[str, Mapping[str, str]] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> BrokerProcess:
+        """Start a broker on a fresh directory and database; ``env`` adds variables to the
+        environment it (and every process it starts) inherits."""
         directory = Path(tempfile.mkdtemp(prefix="pbt-", dir="/tmp"))  # short: AF_UNIX paths
         make_database(directory / "test.db")
         own = {
@@ -78,7 +86,9 @@ class BrokerProcess:
         }
         config = directory / "server.ini"
         write_ini(config, merge(BASE_SETTINGS, own, settings or {}))
-        broker = cls(directory, config, directory / "pbt.sock", directory / "pbt.log")
+        broker = cls(
+            directory, config, directory / "pbt.sock", directory / "pbt.log", dict(env or {})
+        )
         try:
             broker.launch()
         except BaseException:
@@ -91,6 +101,7 @@ class BrokerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pbt_server", "run", "--config", str(self.config)],
                 cwd=REPO,
+                env=dict(os.environ, **self.env) if self.env else None,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,

@@ -1,41 +1,22 @@
-"""The chaos harness (scripts/chaos.py) in its quick mode, and proof that its ledger bites.
+"""The chaos harness (tests/chaos/, run by scripts/chaos.py) in its quick mode, and proof
+that its ledger bites.
 
 The quick run mixes fast, slow, spinning, crashing, raising and process-spawning codeunits
 with worker SIGKILLs and SIGSTOPs, killed client processes, dropped connections, cancels
-racing completion and record changes; see the script's docstring for what it checks.
+racing completion and record changes; see ``tests/chaos/__init__.py`` for what it checks.
 ``PBT_CHAOS_SEED`` picks another seed (the report prints the one used).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests import chaos
+
 SEED = int(os.environ.get("PBT_CHAOS_SEED", "20251124"))
-
-
-def _load_chaos() -> ModuleType:
-    """scripts/ is not a package: load the script as a module (once)."""
-    name = "pbt_chaos_script"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "chaos.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-chaos = _load_chaos()
 
 
 @pytest.mark.timeout(600)

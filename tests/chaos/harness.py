@@ -1,0 +1,630 @@
+"""The chaos harness: a broker, ledger clients and victims, and the faults it injects.
+
+::
+
+    harness (this process) ─────────────── starts ──▶ broker (python -m pbt_server run)
+      │ monitor session: status polls, SIGKILL / SIGSTOP (+ SIGCONT later) of workers,     ▲
+      │ RSS samples of the broker                                                          │
+      ├─ ledger clients (python -m tests.chaos.client, aio or blocking): sessions that     │
+      │  enqueue the Chaos codeunit (tests/chaos_codeunits.py), cancel by id (also racing  ├─
+      │  completion), change records, close pages, close or break their connection; each
+      │  keeps a ledger of every task (tests/chaos/ledger.py) and checks it when the
+      │  session ends
+      └─ victim clients: the same load, SIGKILLed at random moments, then replaced
+
+After the chaos the broker must settle (no session or task left), still complete a fresh
+task, not have grown its RSS, stop cleanly under a burst of load (every pending handle ends
+``ServerShuttingDown``), leave no worker, grandchild or zombie behind, and have logged no
+traceback.
+
+Frozen workers are resumed after ``STOP_HOLD``; one that by then still holds a task (never
+acknowledged, so its timeout clock never started, and no ack deadline gave up on it) is
+reported apart, as a "finding".
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+
+from pbt_server import client as blocking
+from pbt_server.errors import PbtError
+from pbt_server.watchdog import ACK_TIMEOUT
+from tests.broker_process import REPO, BrokerProcess, alive
+from tests.chaos.episodes import NORMAL_TIMEOUT_MS
+from tests.chaos.ledger import classify
+from tests.chaos_codeunits import CHAOS, starttime
+
+MARKER: Final = "PBT_CHAOS_RUN"  # in the broker's environment, inherited by all it starts
+PR_SET_CHILD_SUBREAPER: Final = 36
+# A frozen worker holding a task is dead by then: its task timed out, or (never acknowledged)
+# the broker's ack deadline gave up on it.
+STOP_HOLD: Final = max(NORMAL_TIMEOUT_MS / 1000, ACK_TIMEOUT) + 2.5
+
+
+@dataclasses.dataclass
+class ChaosConfig:
+    seed: int = 1
+    tasks: int = 100_000  # accepted tasks over all ledger clients
+    sessions: int = 24  # concurrent ledger sessions over all ledger clients
+    clients: int = 3  # ledger client processes
+    sync_clients: int = 1  # of which use the blocking client (threads) instead of aio
+    victims: int = 1  # client processes that are SIGKILLed and replaced
+    workers: int = 4
+    queue_length: int = 30  # ChildSessionsMaxQueueLength: small, so QueueFull happens
+    max_tasks_per_worker: int = 97  # MaxTasksPerWorker: workers retire mid-chaos too (0: never)
+    kill_interval: float = 0.7  # mean seconds between worker SIGKILLs (0: none)
+    stop_interval: float = 4.0  # mean seconds between worker SIGSTOPs (0: none)
+    victim_lifetime: float = 3.0  # mean seconds a victim client lives
+    stall_timeout: float = 60.0  # a session with no outcome for this long reports lost tasks
+    deadline: float = 0.0  # seconds for the whole run (0: from the task count)
+    log_level: str = "WARNING"
+    verbose: bool = False
+    # Self-test of the ledger: tamper with every 40th outcome event a client receives
+    # ("drop", "duplicate", "misroute"); the run must then report violations.
+    inject: str = ""
+
+    @classmethod
+    def quick(cls, seed: int = 1) -> ChaosConfig:
+        return cls(
+            seed=seed,
+            tasks=6000,
+            sessions=10,
+            clients=2,
+            kill_interval=0.4,
+            stop_interval=3.0,
+            victim_lifetime=1.5,
+            stall_timeout=30.0,
+        )
+
+
+@dataclasses.dataclass
+class ChaosReport:
+    seed: int
+    counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    violations: list[str] = dataclasses.field(default_factory=list)
+    findings: list[str] = dataclasses.field(default_factory=list)
+    rss_mb: list[float] = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+    kept: Path | None = None  # the run directory, kept when something went wrong
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def summary(self) -> str:
+        c = self.counts
+
+        def group(prefix: str) -> str:
+            items = sorted((k[len(prefix) :], v) for k, v in c.items() if k.startswith(prefix))
+            return ", ".join(f"{k} {v}" for k, v in items) or "none"
+
+        accepted = c["accepted"]
+        rate = accepted / self.elapsed if self.elapsed else 0.0
+        lines = [
+            f"chaos seed {self.seed}: {accepted} tasks accepted in {self.elapsed:.1f} s "
+            f"({rate:.0f}/s), {c['sessions']} ledger sessions, {c['refused']} enqueues refused",
+            f"  completed {c['outcome:completed']}; errors: {group('error:')}",
+            f"  cancelled: {group('cancelled:')}; connection lost (deliberate): "
+            f"{c['outcome:lost']}",
+            f"  refused: {group('refused:')}",
+            f"  modes: {group('mode:')}",
+            f"  worker SIGKILLs {c['kills']}, SIGSTOPs {c['stops']} (resumed alive "
+            f"{c['stops_resumed']}), victim clients killed {c['victims_killed']}",
+            f"  sessions ended: {group('ended:')}; cancel() calls {c['cancel_calls']} "
+            f"(True {c['cancel_true']}), set_record {c['set_record']}, page closes "
+            f"{c['page_close']}",
+            f"  triggers: completed {c['trigger:completed']}, error {c['trigger:error']}; "
+            f"notifications: {group('notification:')}",
+            f"  stopped under load: {group('burst:')}",
+            f"  unexpected crashes {c['unexpected_crash']} + timeouts "
+            f"{c['unexpected_timeout']} (<= kills + stops); spawned processes {c['spawned']}",
+        ]
+        if self.rss_mb:
+            lines.append(
+                f"  broker RSS: {self.rss_mb[0]:.1f} MB at start, max {max(self.rss_mb):.1f} "
+                f"MB, {self.rss_mb[-1]:.1f} MB at end ({len(self.rss_mb)} samples)"
+            )
+        lines.append(f"  findings: {len(self.findings)}; violations: {len(self.violations)}")
+        lines += [f"  FINDING {f}" for f in self.findings[:20]]
+        lines += [f"  VIOLATION {v}" for v in self.violations[:50]]
+        if len(self.violations) > 50:
+            lines.append(f"  ... and {len(self.violations) - 50} more violations")
+        if self.kept:
+            lines.append(f"  run directory kept: {self.kept}")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[list[tuple[int, str, str]]]:
+    """Be a child subreaper meanwhile: what the broker leaves behind when it exits (live or
+    zombie) reparents to us. Yields a list, filled on exit with (pid, name, status) of each
+    such process, which is then killed and reaped."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    adopted: list[tuple[int, str, str]] = []
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield adopted
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        for child in me.children():
+            if child.pid in before:
+                continue
+            with contextlib.suppress(psutil.Error):
+                adopted.append((child.pid, child.name(), str(child.status())))
+                child.kill()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
+
+
+def marked_processes(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``MARKER=marker``."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(proc)
+        except OSError:
+            continue
+    return found
+
+
+@dataclasses.dataclass(eq=False)
+class ClientProcess:
+    index: int
+    victim: bool
+    process: subprocess.Popen[bytes]
+    result: Path
+    started: float
+    lifetime: float = 0.0
+
+
+class Harness:
+    def __init__(self, config: ChaosConfig, report: ChaosReport) -> None:
+        self.config = config
+        self.report = report
+        self.rng = random.Random(f"harness/{config.seed}")
+        self.counts = report.counts
+        self.run_dir = Path(tempfile.mkdtemp(prefix="pbtchaos-", dir="/tmp"))
+        self.pids_dir = self.run_dir / "pids"
+        self.pids_dir.mkdir()
+        self.marker = uuid.uuid4().hex
+        self.broker: BrokerProcess | None = None
+        self.monitor: blocking.Session | None = None
+        self.ledger: list[ClientProcess] = []
+        self.victims: list[ClientProcess] = []
+        self.stopped: dict[int, tuple[float, str, object]] = {}  # pid -> (when, state, task)
+        self.next_client = 0
+        self.status: dict[str, Any] = {}
+
+    def log(self, text: str) -> None:
+        if self.config.verbose:
+            print(f"[chaos {time.monotonic() - self.t0:7.1f}s] {text}", flush=True)
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def start_broker(self) -> None:
+        broker = BrokerProcess.start(
+            {
+                "Workers": {
+                    "Count": str(self.config.workers),
+                    "MaxTasksPerWorker": str(self.config.max_tasks_per_worker),
+                },
+                "Codeunits": {"Modules": "tests.codeunits tests.chaos_codeunits"},
+                "Server": {"LogLevel": self.config.log_level},
+                "AsynchronousProcessing": {
+                    "ChildSessionsMaxQueueLength": str(self.config.queue_length),
+                },
+            },
+            env={MARKER: self.marker},
+        )
+        self.broker = broker
+        self.monitor = broker.connect()
+
+    def spawn_client(self, *, victim: bool, tasks: int, sessions: int, flavour: str) -> None:
+        assert self.broker is not None
+        index = self.next_client
+        self.next_client += 1
+        result = self.run_dir / f"client-{index}.json"
+        spec = {
+            "index": index,
+            "seed": self.config.seed,
+            "socket": str(self.broker.socket),
+            "pids": str(self.pids_dir),
+            "victim": victim,
+            "tasks": tasks,
+            "sessions": sessions,
+            "flavour": flavour,
+            "stall_timeout": self.config.stall_timeout,
+            "inject": "" if victim else self.config.inject,
+            "result": str(result),
+        }
+        with open(self.run_dir / f"client-{index}.out", "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.chaos.client", json.dumps(spec)],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        proc = ClientProcess(index, victim, process, result, time.monotonic())
+        if victim:
+            proc.lifetime = self.rng.expovariate(1 / self.config.victim_lifetime)
+            self.victims.append(proc)
+        else:
+            self.ledger.append(proc)
+
+    # --- chaos -----------------------------------------------------------------------------
+
+    def is_worker(self, pid: int) -> bool:
+        assert self.broker is not None
+        try:
+            proc = psutil.Process(pid)
+            return proc.ppid() == self.broker.pid and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def poll_status(self) -> None:
+        assert self.monitor is not None
+        assert self.broker is not None
+        self.status = dict(self.monitor.status())
+        pids = {w["pid"] for w in self.status["workers"] if w["pid"]}
+        self.broker.seen_workers |= pids
+
+    def pick_worker(self, prefer_busy: float) -> dict[str, Any] | None:
+        workers = [w for w in self.status.get("workers", []) if w["pid"]]
+        busy = [w for w in workers if w["task"]]
+        pool = busy if busy and self.rng.random() < prefer_busy else workers
+        return self.rng.choice(pool) if pool else None
+
+    def kill_worker(self) -> None:
+        worker = self.pick_worker(0.7)
+        if worker is not None and self.is_worker(worker["pid"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker["pid"], signal.SIGKILL)
+                self.counts["kills"] += 1
+                self.stopped.pop(worker["pid"], None)
+
+    def stop_worker(self) -> None:
+        worker = self.pick_worker(0.6)
+        pid = worker["pid"] if worker else 0
+        if worker and pid not in self.stopped and self.is_worker(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                self.counts["stops"] += 1
+                self.stopped[pid] = (time.monotonic(), worker["state"], worker["task"])
+
+    def resume_workers(self, *, all_now: bool = False) -> None:
+        now = time.monotonic()
+        for pid, (when, state, task) in list(self.stopped.items()):
+            if not all_now and now - when < STOP_HOLD:
+                continue
+            del self.stopped[pid]
+            if not self.is_worker(pid):
+                continue  # the watchdog (or a kill) took it, as it should
+            entry = next((w for w in self.status.get("workers", []) if w["pid"] == pid), None)
+            if entry is not None and entry["task"] and not all_now:
+                self.report.findings.append(
+                    f"worker {pid} was SIGSTOPped while {state} (task {task}); "
+                    f"{now - when:.1f} s later it is alive, {entry['state']}, and holds task "
+                    f"{entry['task']}, which never timed out (a task handed to a frozen worker "
+                    "is never acknowledged, so its timeout clock never starts)"
+                )
+                self.counts["stalled_starts"] += 1
+            self.counts["stops_resumed"] += 1
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def churn_victims(self, keep: bool) -> None:
+        now = time.monotonic()
+        for victim in list(self.victims):
+            if victim.process.poll() is None and now - victim.started < victim.lifetime and keep:
+                continue
+            if victim.process.poll() is None:
+                victim.process.kill()
+                self.counts["victims_killed"] += 1
+            victim.process.wait()
+            self.victims.remove(victim)
+        while keep and len(self.victims) < self.config.victims:
+            self.spawn_client(victim=True, tasks=0, sessions=4, flavour="aio")
+
+    def sample_rss(self) -> None:
+        assert self.broker is not None
+        with contextlib.suppress(psutil.Error):
+            rss = psutil.Process(self.broker.pid).memory_info().rss
+            self.report.rss_mb.append(rss / 2**20)
+
+    def progress(self) -> int:
+        total = 0
+        for proc in self.ledger:
+            with contextlib.suppress(OSError, ValueError):
+                total += int(proc.result.with_suffix(".progress").read_text() or 0)
+        return total
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        config = self.config
+        self.t0 = time.monotonic()
+        self.start_broker()
+        per_client = config.tasks // config.clients
+        lanes = max(1, config.sessions // config.clients)
+        for n in range(config.clients):
+            tasks = per_client + (config.tasks - per_client * config.clients if n == 0 else 0)
+            flavour = "sync" if n < config.sync_clients else "aio"
+            self.spawn_client(victim=False, tasks=tasks, sessions=lanes, flavour=flavour)
+        deadline = self.t0 + (config.deadline or 300 + config.tasks / 20)
+        # The first kill and stop come early, so even a short run has some of each.
+        next_kill = self.next_event(config.kill_interval, first_within=1.0)
+        next_stop = self.next_event(config.stop_interval, first_within=2.0)
+        next_rss = next_log = time.monotonic()
+        while any(proc.process.poll() is None for proc in self.ledger):
+            now = time.monotonic()
+            if now > deadline:
+                self.report.violations.append(
+                    f"the run did not finish within {deadline - self.t0:.0f} s "
+                    f"({self.progress()} tasks accepted); status {self.status}"
+                )
+                break
+            self.poll_status()
+            if now >= next_kill:
+                self.kill_worker()
+                next_kill = self.next_event(config.kill_interval)
+            if now >= next_stop:
+                self.stop_worker()
+                next_stop = self.next_event(config.stop_interval)
+            self.resume_workers()
+            self.churn_victims(keep=True)
+            if now >= next_rss:
+                self.sample_rss()
+                next_rss = now + 0.5
+            if now >= next_log:
+                self.log(
+                    f"{self.progress()} accepted; kills {self.counts['kills']}, stops "
+                    f"{self.counts['stops']}, victims killed {self.counts['victims_killed']}"
+                )
+                next_log = now + 10
+            time.sleep(self.rng.uniform(0.02, 0.1))  # the monitor's polling interval
+        self.resume_workers(all_now=True)
+        self.churn_victims(keep=False)
+        for proc in self.ledger:
+            if proc.process.poll() is None:
+                proc.process.kill()
+            proc.process.wait()
+        self.collect()
+        self.settle()
+        self.sample_rss()
+        self.check_rss()
+        self.stop_broker()
+
+    def next_event(self, mean: float, first_within: float = float("inf")) -> float:
+        if mean <= 0:
+            return float("inf")
+        return time.monotonic() + min(self.rng.expovariate(1 / mean), first_within)
+
+    def collect(self) -> None:
+        for proc in self.ledger:
+            try:
+                data = json.loads(proc.result.read_text())
+            except (OSError, ValueError):
+                out = (self.run_dir / f"client-{proc.index}.out").read_text()[-3000:]
+                self.report.violations.append(
+                    f"client {proc.index} left no result (exit {proc.process.returncode}): {out}"
+                )
+                continue
+            self.counts.update(data["counts"])
+            self.report.violations += data["violations"]
+            if data["crashed"]:
+                self.report.violations.append(f"client {proc.index} crashed: {data['crashed']}")
+        # A kill crashes at most one task; a stop times out (or, unacknowledged, crashes) one.
+        c = self.counts
+        if c["unexpected_crash"] + c["unexpected_timeout"] > c["kills"] + c["stops"]:
+            self.report.violations.append(
+                f"{c['unexpected_crash']} well-behaved tasks crashed and "
+                f"{c['unexpected_timeout']} timed out, but the harness killed only "
+                f"{c['kills']} workers and froze {c['stops']}"
+            )
+
+    def settle(self) -> None:
+        """No chaos left: the broker must settle, reap everything, and still serve."""
+        assert self.monitor is not None
+        assert self.broker is not None
+        broker = self.broker
+        monitor = self.monitor
+        deadline = time.monotonic() + 60
+        while True:
+            self.poll_status()
+            sessions = [s for s in self.status["sessions"] if s["id"] != monitor.id]
+            workers = self.status["workers"]
+            busy = [w for w in workers if w["state"] != "idle"]
+            if not sessions and not busy:
+                break
+            if time.monotonic() > deadline:
+                self.report.violations.append(
+                    f"the broker did not settle within 60 s: sessions {sessions}, workers {busy}"
+                )
+                break
+            time.sleep(0.05)
+        pids = {w["pid"] for w in self.status["workers"]}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                children = psutil.Process(broker.pid).children()
+                extra = [(p.pid, p.name(), str(p.status())) for p in children if p.pid not in pids]
+            except psutil.Error as err:
+                extra = [(0, str(err), "")]
+            if not extra:
+                break
+            if time.monotonic() > deadline:
+                self.report.violations.append(
+                    f"the broker still has non-worker children (or zombies) 30 s after the "
+                    f"chaos: {extra[:20]}"
+                )
+                break
+            time.sleep(0.05)
+        # Still serving: a fresh session completes a task and reports its identity back.
+        with broker.connect() as fresh:
+            page = fresh.open_page("After the chaos", record_id="Final")
+            params = {"mode": "fast", "token": "final"}
+            try:
+                results = page.enqueue_background_task(CHAOS, params).result(timeout=30)
+            except (PbtError, TimeoutError) as err:
+                self.report.violations.append(f"a fresh session's task failed: {err!r}")
+            else:
+                expected = dict(params, ctx_task="1", ctx_session=str(fresh.id), ctx_record="Final")
+                if results != expected:
+                    self.report.violations.append(f"the final task returned {results}")
+        self.counts["spawned"] = len(list(self.pids_dir.glob("*.[0-9]")))
+
+    def check_rss(self) -> None:
+        samples = self.report.rss_mb
+        if len(samples) < 8:
+            return
+        first = samples[len(samples) // 8 : len(samples) // 2]
+        second = samples[len(samples) // 2 :]
+        before, after = statistics.median(first), statistics.median(second)
+        if after > before * 1.5 + 20:
+            self.report.violations.append(
+                f"broker RSS grew: median {before:.1f} MB in the first half, {after:.1f} MB "
+                f"in the second (max {max(samples):.1f} MB)"
+            )
+
+    def stop_broker(self) -> None:
+        """Stop the broker under load: every handle still pending ends ServerShuttingDown."""
+        assert self.broker is not None
+        assert self.monitor is not None
+        broker = self.broker
+        self.monitor.close()
+        self.monitor = None
+        burst = broker.connect()
+        handles: list[tuple[str, Any]] = []
+        try:
+            pages = [burst.open_page(f"Burst {n}", record_id=f"B{n}") for n in range(3)]
+            modes = ["spawn_spin", "escape", "sleep", "spin", "fast", "spawn"]
+            for n in range(24):
+                mode = modes[n % len(modes)]
+                params = {
+                    "mode": mode,
+                    "token": f"burst{n}",
+                    "ms": "3000",
+                    "pids": str(self.pids_dir),
+                }
+                task = pages[n % 3].enqueue_background_task(CHAOS, params, timeout=60_000)
+                handles.append((mode, task))
+            # Stop once the first tasks have their grandchildren (and an escapee) running.
+            deadline = time.monotonic() + 10
+            spawned = [self.pids_dir / "burst0.0", self.pids_dir / "burst1.1"]
+            while not all(p.exists() for p in spawned) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with adopting_orphans() as adopted:
+                try:
+                    code = broker.stop()
+                except AssertionError as err:
+                    self.report.violations.append(f"stopping the broker: {err}")
+                else:
+                    if code != 0:
+                        self.report.violations.append(f"the broker exited with {code}")
+            if adopted:
+                self.report.violations.append(
+                    "the broker exited leaving children it had not reaped (they reparent to "
+                    f"init, which may never reap them): {adopted[:20]}"
+                )
+            for mode, task in handles:
+                try:
+                    error = task.exception(timeout=10)
+                except TimeoutError:
+                    self.report.violations.append(f"burst task {task.id} ({mode}): no outcome")
+                    continue
+                outcome = classify(error, None if error else task.result(timeout=0))
+                self.counts[f"burst:{outcome[0]}:{outcome[1]}"] += 1
+                if outcome[:2] not in (("cancelled", "ServerShuttingDown"), ("completed", "")):
+                    self.report.violations.append(
+                        f"burst task {task.id} ({mode}) ended {outcome[:3]} when the broker "
+                        "stopped; expected cancelled ServerShuttingDown"
+                    )
+        finally:
+            burst.close()
+        # An exception that escaped a handler is a bug even when nothing else noticed it.
+        log = broker.log_text()
+        for needle in ("Traceback", "Exception in callback", "InternalError", "CRITICAL"):
+            if needle in log:
+                at = log.index(needle)
+                self.report.violations.append(
+                    f"the broker log has {needle!r}: ...{log[max(0, at - 1500) : at + 2500]}"
+                )
+                break
+        # Nothing it started may outlive it: workers, grandchildren, escapees.
+        deadline = time.monotonic() + 10
+        while (left := marked_processes(self.marker)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if left:
+            described = []
+            for proc in left:
+                with contextlib.suppress(psutil.Error):
+                    described.append((proc.pid, proc.name(), proc.status(), proc.ppid()))
+                    proc.kill()
+            self.report.violations.append(f"processes outlived the broker: {described[:20]}")
+        for path in self.pids_dir.glob("*.[0-9]"):
+            with contextlib.suppress(ValueError, OSError):
+                pid, started = (int(x) for x in path.read_text().split())
+                if alive(pid) and starttime(pid) == started:
+                    self.report.violations.append(f"spawned process {pid} ({path.name}) lives on")
+
+    def cleanup(self) -> None:
+        for proc in self.ledger + self.victims:
+            if proc.process.poll() is None:
+                proc.process.kill()
+            proc.process.wait()
+        for pid in self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.broker is not None:
+            if self.report.violations:
+                with contextlib.suppress(OSError):
+                    shutil.copy(self.broker.log, self.run_dir / "broker.log")
+                    shutil.copy(self.broker.directory / "stderr.txt", self.run_dir / "stderr.txt")
+            self.broker.cleanup()
+        for leftover in marked_processes(self.marker):
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+        if self.report.violations:
+            self.report.kept = self.run_dir
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def run_chaos(config: ChaosConfig) -> ChaosReport:
+    """Run the chaos harness with ``config``; the report lists counts and violations."""
+    report = ChaosReport(seed=config.seed)
+    harness = Harness(config, report)
+    started = time.monotonic()
+    try:
+        harness.run()
+    finally:
+        report.elapsed = time.monotonic() - started
+        harness.cleanup()
+    return report
