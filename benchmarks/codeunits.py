@@ -6,13 +6,14 @@ Kept apart from ``tests.codeunits`` so that changing a test cannot change a publ
 from __future__ import annotations
 
 import os
-import time
 
+from benchmarks import work
 from workers import ChildSession, codeunit
 
 NOOP = 9001
 SLEEP = 9002
 SPIN = 9003
+BUSY = 9004
 
 
 @codeunit(NOOP, name="BenchNoop")
@@ -33,13 +34,18 @@ def sleep(ctx: ChildSession) -> dict[str, str]:
         with open(path + ".tmp", "w") as f:
             f.write(str(os.getpid()))
         os.rename(path + ".tmp", path)
-    time.sleep(float(ctx.parameters.get("seconds", "0")))
+    work.sleep(float(ctx.parameters.get("seconds", "0")))
     return {}
 
 
 @codeunit(SPIN, name="BenchSpin")
 def spin(ctx: ChildSession) -> dict[str, str]:
     """Burn CPU until killed (the watchdog's timeout is the only way out)."""
-    x = 0
-    while True:
-        x += 1
+    work.spin()
+    return {}
+
+
+@codeunit(BUSY, name="BenchBusy")
+def busy(ctx: ChildSession) -> dict[str, str]:
+    """Burn CPU for ``ms`` milliseconds: a read query of that length, for the cancel storm."""
+    return {"loops": str(work.busy(float(ctx.parameters.get("ms", "20"))))}
