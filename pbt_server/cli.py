@@ -1,8 +1,8 @@
-"""The ``pbt-server`` command: ``run``, ``start``, ``stop``, ``status`` and ``demo``.
+"""The ``pbt-server`` command: ``run``, ``start``, ``stop``, ``status``, ``health``, ``demo``.
 
 Exit codes: 0 success (``stop`` also when there was nothing to stop), 1 the command could not
-do its job (already running, not running for ``status``, failed to start or stop), 2 bad
-command line or bad configuration. ``run`` returns the broker's own exit code.
+do its job (already running, not running for ``status`` and ``health``, failed to start or
+stop), 2 bad command line or bad configuration. ``run`` returns the broker's own exit code.
 
 The broker and the client are imported inside the commands that need them, so
 ``pbt-server --version`` stays fast.
@@ -59,10 +59,15 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, handler, text in [
         ("start", _start, "start the broker in the background"),
         ("stop", _stop, "stop the background broker gracefully"),
-        ("status", _status, "show sessions, tasks and workers of the running broker"),
+        ("health", _health, "exit 0 if the broker answers and has its workers, else 1"),
         ("demo", _demo, "create the demo database and compute a cue in the background"),
     ]:
         commands.add_parser(name, parents=[common], help=text).set_defaults(handler=handler)
+    status = commands.add_parser(
+        "status", parents=[common], help="show sessions, tasks and workers of the running broker"
+    )
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.set_defaults(handler=_status)
     return parser
 
 
@@ -81,10 +86,15 @@ def _run(args: argparse.Namespace) -> int:
     except AlreadyRunning as err:
         _error(f"pbt-server is already running (pid {err.pid})")
         return EXIT_FAILED
+    except OSError as err:
+        _error(f"pbt-server: {err.strerror or err}")
+        return EXIT_FAILED
     try:
         from pbt_server.broker import run_broker
 
-        return run_broker(config, log_to_stderr=not args.daemon)
+        lock = pidfile.fileno()
+        private = (lock,) if lock is not None else ()
+        return run_broker(config, log_to_stderr=not args.daemon, private_fds=private)
     finally:
         pidfile.release()
 
@@ -102,7 +112,7 @@ def _start(args: argparse.Namespace) -> int:
     if (stale := pidfile.read()) is not None:
         print(
             f"pbt-server: pid file {pidfile.path} is stale "
-            f"(pid {stale} is not a pbt-server); replacing it"
+            f"(pid {stale} does not hold it); replacing it"
         )
     return start_daemon(_config_path(args), config)
 
@@ -117,23 +127,63 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pbt_server.client import connect
     from pbt_server.errors import ConnectionLost, PbtError
 
     config = _load_config(args)
     if config is None:
         return EXIT_USAGE
+    socket_path = config.server.socket_path
     try:
-        with connect(str(config.server.socket_path)) as session:
-            report = session.status()
-    except ConnectionLost:
-        print("pbt-server is not running")
+        report = _operator_status(str(socket_path))
+    except ConnectionLost as err:
+        print(f"pbt-server is not running (no answer on {socket_path}: {err})")
         return EXIT_FAILED
     except PbtError as err:
-        _error(f"pbt-server: status failed: {err}")
+        _error(f"pbt-server: status failed: {err.code}: {err}")
         return EXIT_FAILED
-    print(format_status(report))
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_status(report))
     return EXIT_OK
+
+
+def _health(args: argparse.Namespace) -> int:
+    from pbt_server.errors import PbtError
+
+    config = _load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    socket_path = config.server.socket_path
+    try:
+        report = _operator_status(str(socket_path), timeout=5.0)
+    except PbtError as err:
+        print(f"unhealthy: no answer on {socket_path}: {err}")
+        return EXIT_FAILED
+    problem = health_problem(report)
+    if problem is not None:
+        print(f"unhealthy: {problem}")
+        return EXIT_FAILED
+    print("healthy")
+    return EXIT_OK
+
+
+def health_problem(report: Mapping[str, Any]) -> str | None:
+    """Why a status report is not healthy, or None: every worker slot must hold a worker."""
+    down = [w["slot"] for w in report.get("workers", []) if w["slot"] != "standby" and not w["pid"]]
+    if down:
+        return f"worker slot(s) {down} have no worker (a worker cannot boot?)"
+    return None
+
+
+def _operator_status(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The broker's status through an operator's connection, which works when it is full."""
+    from pbt_server.client import connect
+
+    with connect(socket_path, timeout=timeout, operator=True, keepalive=None) as session:
+        return session.status()
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,11 +1,15 @@
 """``server.ini``: one frozen dataclass per section, read once at start.
 
-Each section class parses itself in ``_from_ini``, which names every key in Business Central's
-spelling, its default (as ini text, so the defaults pass the same checks as the file) and its
-converter. A converter is a small pure function ``str -> value`` that raises ``ValueError``
-with a reason; the reader turns that into a :class:`ConfigError` reading
+Every key is declared once, on its dataclass field, with :func:`key`: its ini name (Business
+Central's spelling), its default (as ini text, so the defaults pass the same checks as the
+file), its converter and its comment. The reader, the shipped ``config/server.ini``
+(:func:`render_ini`) and the README's table (:func:`render_markdown`) all come from those
+declarations; tests keep the shipped file and the README equal to what they render.
+
+A converter is a small pure function ``str -> value`` that raises ``ValueError`` with a
+reason; the reader turns that into a :class:`ConfigError` reading
 ``{file}: [Section] Key = 'value': reason`` (the ``PBT_*`` variable replaces the file for an
-environment override).
+environment override; a secret's value is never shown).
 
 Relative paths resolve against ``base_dir`` (the directory the command runs in) here, at load,
 so a daemon that later changes directory still finds its socket, pid file, log and database.
@@ -13,26 +17,33 @@ so a daemon that later changes directory still finds its socket, pid file, log a
 
 from __future__ import annotations
 
+import ast
 import configparser
+import dataclasses
 import keyword
 import os
 import re
+import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Final, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
+from urllib.parse import unquote
 
 from pbt_server.errors import ConfigError
 from pbt_server.protocol import DEFAULT_MAX_FRAME
 
 __all__ = [
-    "AsyncSection",
+    "AsyncProcessingSection",
     "CodeunitsSection",
     "DatabaseSection",
+    "DatabaseUrl",
     "ServerConfig",
     "ServerSection",
     "WorkersSection",
     "load_config",
+    "render_ini",
+    "render_markdown",
 ]
 
 T = TypeVar("T")
@@ -40,6 +51,7 @@ T = TypeVar("T")
 _UNIX_PATH_MAX: Final = 107  # sun_path holds 108 bytes on Linux, one of them the closing NUL
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _NO_FILE: Final = "<defaults>"
+_KEY: Final = "pbt_key"
 
 
 # --- converters: text in, value out, ValueError(reason) on bad input ----------------------
@@ -66,8 +78,8 @@ _TIMESPAN: Final = re.compile(
 )
 
 
-def _timespan(text: str) -> int:
-    """Milliseconds in a BC timespan ``[d.]hh:mm:ss[.fffffff]``."""
+def _span(text: str) -> int:
+    """Milliseconds in a BC timespan ``[d.]hh:mm:ss[.fffffff]`` (zero allowed)."""
     match = _TIMESPAN.fullmatch(text)
     if match is None:
         raise ValueError("not a timespan; expected [d.]hh:mm:ss[.fff], e.g. 00:02:00")
@@ -78,33 +90,32 @@ def _timespan(text: str) -> int:
         raise ValueError("minutes and seconds must be 0-59")
     # BC counts 100 ns ticks; our clocks work in milliseconds, so finer digits are dropped.
     millis = int((match["f"] or "").ljust(3, "0")[:3])
-    total = (((days * 24 + hours) * 60 + minutes) * 60 + seconds) * 1000 + millis
+    return (((days * 24 + hours) * 60 + minutes) * 60 + seconds) * 1000 + millis
+
+
+def _timespan(text: str) -> int:
+    """Milliseconds in a timespan that must be longer than zero."""
+    total = _span(text)
     if total <= 0:
         raise ValueError("must be longer than zero")
     return total
 
 
-def _path(base: Path) -> Callable[[str], Path]:
-    def convert(text: str) -> Path:
-        if not text:
-            raise ValueError("must not be empty")
-        return Path(os.path.normpath(base / text))
-
-    return convert
+def _path(text: str, base: Path) -> Path:
+    if not text:
+        raise ValueError("must not be empty")
+    return Path(os.path.normpath(base / text))
 
 
-def _socket_path(base: Path) -> Callable[[str], Path]:
-    def convert(text: str) -> Path:
-        path = _path(base)(text)
-        size = len(os.fsencode(path))
-        if size > _UNIX_PATH_MAX:
-            raise ValueError(
-                f"resolves to {path} ({size} bytes), longer than the {_UNIX_PATH_MAX} bytes"
-                " a Unix socket path may have; choose a shorter path"
-            )
-        return path
-
-    return convert
+def _socket_path(text: str, base: Path) -> Path:
+    path = _path(text, base)
+    size = len(os.fsencode(path))
+    if size > _UNIX_PATH_MAX:
+        raise ValueError(
+            f"resolves to {path} ({size} bytes), longer than the {_UNIX_PATH_MAX} bytes"
+            " a Unix socket path may have; choose a shorter path"
+        )
+    return path
 
 
 def _tcp_address(text: str) -> tuple[str, int] | None:
@@ -138,25 +149,48 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _database_url(base: Path) -> Callable[[str], str]:
-    def convert(text: str) -> str:
-        scheme, slashes, rest = text.partition("://")
-        scheme = scheme.lower()
-        if slashes and scheme in ("postgresql", "postgres"):
-            if not rest:
-                raise ValueError("names no server or database")
-            return text
-        if slashes and scheme == "sqlite":
-            if not rest.startswith("/"):
-                raise ValueError("write sqlite:///relative/path or sqlite:////absolute/path")
-            file = rest[1:]
-            if file in ("", ":memory:"):
-                # Each worker opens its own connection; they must all see the same file.
-                raise ValueError("name a database file; workers cannot share an in-memory one")
-            return "sqlite:///" + str(_path(base)(file))
-        raise ValueError("expected sqlite:///path or postgresql://...")
+@dataclass(frozen=True, slots=True)
+class DatabaseUrl:
+    """``[Database] Url``, parsed once: the backend, and the SQLite file's absolute path."""
 
-    return convert
+    text: str
+    """The URL: ``sqlite:///<absolute path>`` for SQLite, as given for PostgreSQL."""
+    backend: str
+    """``"sqlite"`` or ``"postgresql"``."""
+    path: Path | None = None
+    """The SQLite file (percent-escapes decoded), or None."""
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _database_url(text: str, base: Path) -> DatabaseUrl:
+    scheme, slashes, rest = text.partition("://")
+    scheme = scheme.lower()
+    if slashes and scheme in ("postgresql", "postgres"):
+        if not rest:
+            raise ValueError("names no server or database")
+        return DatabaseUrl(text, "postgresql")
+    if slashes and scheme == "sqlite":
+        if not rest.startswith("/"):
+            raise ValueError("write sqlite:///relative/path or sqlite:////absolute/path")
+        file = unquote(rest[1:])  # a URL: sqlite:///my%20db.sqlite names "my db.sqlite"
+        if file in ("", ":memory:"):
+            # Each worker opens its own connection; they must all see the same file.
+            raise ValueError("name a database file; workers cannot share an in-memory one")
+        path = _path(file, base)
+        return DatabaseUrl(f"sqlite:///{path}", "sqlite", path)
+    raise ValueError("expected sqlite:///path or postgresql://...")
+
+
+_ISOLATIONS: Final = ("RepeatableRead", "ReadCommitted", "Serializable")
+
+
+def _isolation(text: str) -> str:
+    for name in _ISOLATIONS:
+        if text.lower() == name.lower():
+            return name
+    raise ValueError(f"must be one of {', '.join(_ISOLATIONS)}")
 
 
 def _modules(text: str) -> tuple[str, ...]:
@@ -170,6 +204,50 @@ def _modules(text: str) -> tuple[str, ...]:
         if name in names[:i]:
             raise ValueError(f"lists '{name}' twice")
     return names
+
+
+# --- declaring a key ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One ``server.ini`` key: its spelling, default text, converter and comment."""
+
+    name: str
+    default: str
+    convert: Callable[[str], Any] | None
+    relative: Callable[[str, Path], Any] | None  # converters of paths take the base dir
+    doc: str
+    secret: bool = False
+
+    def parse(self, text: str, base: Path) -> Any:
+        if self.relative is not None:
+            return self.relative(text, base)
+        assert self.convert is not None
+        return self.convert(text)
+
+
+def key(
+    name: str,
+    default: str,
+    convert: Callable[[str], Any],
+    doc: str,
+    *,
+    secret: bool = False,
+) -> Any:
+    """Declare a dataclass field as the ini key ``name``."""
+    spec = Key(name, default, convert, None, doc, secret)
+    return field(metadata={_KEY: spec}, repr=not secret)
+
+
+def path_key(name: str, default: str, convert: Callable[[str, Path], Any], doc: str) -> Any:
+    """Declare a key whose value resolves against the base directory."""
+    return field(metadata={_KEY: Key(name, default, None, convert, doc)})
+
+
+def keys(section: type) -> list[tuple[str, Key]]:
+    """The declared keys of a section class, as (field name, key), in declaration order."""
+    return [(f.name, f.metadata[_KEY]) for f in dataclasses.fields(section) if _KEY in f.metadata]
 
 
 # --- reading one section ------------------------------------------------------------------
@@ -190,22 +268,25 @@ class _SectionReader:
         self.base_dir = base
         self._given = dict(given)  # lower-cased key -> value
         self._origin = origin  # for keys left at their default
-        self._used: dict[str, _Value] = {}
+        self._used: dict[str, tuple[_Value, Key]] = {}
 
-    def get(self, key: str, default: str, convert: Callable[[str], T]) -> T:
-        value = self._given.pop(key.lower(), None) or _Value(key, default, self._origin)
-        self._used[key] = value
+    def get(self, spec: Key) -> Any:
+        value = self._given.pop(spec.name.lower(), None) or _Value(
+            spec.name, spec.default, self._origin
+        )
+        self._used[spec.name] = (value, spec)
         try:
-            return convert(value.text)
+            return spec.parse(value.text, self.base_dir)
         except ValueError as err:
-            raise self.error(key, str(err)) from err
+            raise self.error(spec.name, str(err)) from err
 
     def text(self, key: str) -> str:
-        return self._used[key].text
+        return self._used[key][0].text
 
     def error(self, key: str, reason: str) -> ConfigError:
-        value = self._used[key]
-        return ConfigError(f"{value.origin}: [{self.section}] {key} = '{value.text}': {reason}")
+        value, spec = self._used[key]
+        shown = "***" if spec.secret and value.text else value.text
+        return ConfigError(f"{value.origin}: [{self.section}] {key} = '{shown}': {reason}")
 
     def finish(self) -> None:
         for value in self._given.values():
@@ -215,148 +296,191 @@ class _SectionReader:
             )
 
 
-class _Section(Protocol):
+class Section:
+    """Base of the section dataclasses: ``SECTION`` names it; ``check`` holds the checks
+    that involve more than one key."""
+
+    __slots__ = ()
     SECTION: ClassVar[str]
 
-    @classmethod
-    def _from_ini(cls, r: _SectionReader) -> Self: ...
+    def check(self, r: _SectionReader) -> None:
+        """Raise ``r.error(key, reason)`` if keys contradict each other."""
 
 
-_S = TypeVar("_S", bound=_Section)
+S = TypeVar("S", bound=Section)
+
+
+def _read_section(cls: type[S], r: _SectionReader) -> S:
+    section = cls(**{name: r.get(spec) for name, spec in keys(cls)})
+    section.check(r)
+    r.finish()
+    return section
 
 
 # --- the sections -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class ServerSection:
+class ServerSection(Section):
     """``[Server]``: where the broker listens and writes."""
 
     SECTION: ClassVar[str] = "Server"
 
-    socket_path: Path
-    """SocketPath: the Unix socket (mode 0600), absolute."""
-    tcp_address: tuple[str, int] | None
-    """TcpAddress: ``(host, port)`` to also listen on, or None; needs an AuthToken."""
-    auth_token: str = field(repr=False)  # keep the secret out of logged configs
-    """AuthToken: the secret clients present in ``hello``; empty = none."""
-    pid_file: Path
-    """PidFile: written by ``pbt-server start``, absolute."""
-    log_file: Path
-    """LogFile: the daemon's log, absolute."""
-    log_level: str
-    """LogLevel: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
-    max_frame_bytes: int
-    """MaxFrameBytes: the largest client frame, and the largest task result."""
-    max_connections: int
-    """MaxConnections: open client connections at most; one more is refused."""
+    socket_path: Path = path_key(
+        "SocketPath", "var/pbt.sock", _socket_path, "Unix socket clients connect to (mode 0600)"
+    )
+    tcp_address: tuple[str, int] | None = key(
+        "TcpAddress",
+        "",
+        _tcp_address,
+        "also listen on TCP, as host:port ([::1]:7085 for IPv6); empty = off; needs AuthToken",
+    )
+    auth_token: str = key(
+        "AuthToken",
+        "",
+        _auth_token,
+        "secret every TCP client must present, at least 16 characters; empty = none",
+        secret=True,
+    )
+    pid_file: Path = path_key(
+        "PidFile", "var/pbt-server.pid", _path, "pid file, locked while the server runs"
+    )
+    log_file: Path = path_key(
+        "LogFile", "var/pbt-server.log", _path, "log file of the server and its workers"
+    )
+    log_level: str = key("LogLevel", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    max_frame_bytes: int = key(
+        "MaxFrameBytes",
+        str(DEFAULT_MAX_FRAME),
+        _int_in(1024, 1 << 26),
+        "largest client frame and largest task result, in bytes (1024 to 67108864)",
+    )
+    max_connections: int = key(
+        "MaxConnections",
+        "4096",
+        _int_in(1, 1 << 20),
+        "sessions at most (connections that said hello); one more is refused with ServerBusy",
+    )
+    max_buffered_mb: int = key(
+        "MaxBufferedMB",
+        "256",
+        _int_in(1),
+        "memory budget for partly received frames and the parameters of waiting tasks, in"
+        " MB; over it, new work is refused (ServerMemoryBudget)",
+    )
 
-    @classmethod
-    def _from_ini(cls, r: _SectionReader) -> Self:
-        section = cls(
-            socket_path=r.get("SocketPath", "var/pbt.sock", _socket_path(r.base_dir)),
-            tcp_address=r.get("TcpAddress", "", _tcp_address),
-            auth_token=r.get("AuthToken", "", _auth_token),
-            pid_file=r.get("PidFile", "var/pbt-server.pid", _path(r.base_dir)),
-            log_file=r.get("LogFile", "var/pbt-server.log", _path(r.base_dir)),
-            log_level=r.get("LogLevel", "INFO", _log_level),
-            max_frame_bytes=r.get("MaxFrameBytes", str(DEFAULT_MAX_FRAME), _int_in(1024, 1 << 26)),
-            max_connections=r.get("MaxConnections", "4096", _int_in(1, 1 << 20)),
-        )
-        if section.tcp_address is not None and not section.auth_token:
+    def check(self, r: _SectionReader) -> None:
+        if self.tcp_address is not None and not self.auth_token:
             # Anyone who can reach the port could otherwise run codeunits.
             raise r.error("TcpAddress", "TCP needs an AuthToken")
-        return section
 
 
 @dataclass(frozen=True, slots=True)
-class AsyncSection:
-    """``[AsynchronousProcessing]``: BC's per-session limits and task timeouts."""
+class AsyncProcessingSection(Section):
+    """``[AsynchronousProcessing]``: Business Central's per-session limits and timeouts."""
 
     SECTION: ClassVar[str] = "AsynchronousProcessing"
 
-    max_concurrency: int
-    """ChildSessionsMaxConcurrency: tasks of one session running at once."""
-    max_queue_length: int
-    """ChildSessionsMaxQueueLength: tasks of one session waiting; one more is refused."""
-    default_timeout_ms: int
-    """PageBackgroundTaskDefaultTimeout: for tasks enqueued without a timeout, in ms."""
-    max_timeout_ms: int
-    """PageBackgroundTaskMaxTimeout: larger timeouts are clamped to this, in ms."""
+    max_concurrency: int = key(
+        "ChildSessionsMaxConcurrency",
+        "5",
+        _int_in(1),
+        "tasks of one session running at once; the rest wait in FIFO order",
+    )
+    # At least 1: every task waits in the queue, if only until a worker takes it.
+    max_queue_length: int = key(
+        "ChildSessionsMaxQueueLength",
+        "100",
+        _int_in(1),
+        "tasks of one session waiting; enqueueing one more fails with ChildSessionQueueFull",
+    )
+    default_timeout_ms: int = key(
+        "PageBackgroundTaskDefaultTimeout",
+        "00:02:00",
+        _timespan,
+        "timeout of a task enqueued without one (or with one <= 0)",
+    )
+    max_timeout_ms: int = key(
+        "PageBackgroundTaskMaxTimeout",
+        "00:10:00",
+        _timespan,
+        "longest timeout a task may have; larger timeouts are clamped to this",
+    )
 
-    @classmethod
-    def _from_ini(cls, r: _SectionReader) -> Self:
-        section = cls(
-            max_concurrency=r.get("ChildSessionsMaxConcurrency", "5", _int_in(1)),
-            # At least 1: every task waits in the queue, if only until a worker takes it.
-            max_queue_length=r.get("ChildSessionsMaxQueueLength", "100", _int_in(1)),
-            default_timeout_ms=r.get("PageBackgroundTaskDefaultTimeout", "00:02:00", _timespan),
-            max_timeout_ms=r.get("PageBackgroundTaskMaxTimeout", "00:10:00", _timespan),
-        )
-        if section.default_timeout_ms > section.max_timeout_ms:
+    def check(self, r: _SectionReader) -> None:
+        if self.default_timeout_ms > self.max_timeout_ms:
             # Clamping would silently shorten every task enqueued without a timeout.
             raise r.error(
                 "PageBackgroundTaskDefaultTimeout",
                 "must not exceed PageBackgroundTaskMaxTimeout"
                 f" ({r.text('PageBackgroundTaskMaxTimeout')})",
             )
-        return section
 
 
 @dataclass(frozen=True, slots=True)
-class WorkersSection:
+class WorkersSection(Section):
     """``[Workers]``: the pool of pre-started child-session processes."""
 
     SECTION: ClassVar[str] = "Workers"
 
-    count: int
-    """Count: worker processes, shared by all sessions."""
-    max_tasks_per_worker: int
-    """MaxTasksPerWorker: replace a worker after this many tasks; 0 = never."""
-    max_memory_mb: int
-    """MaxMemoryMB: kill a worker whose RSS exceeds this; 0 = no limit."""
-
-    @classmethod
-    def _from_ini(cls, r: _SectionReader) -> Self:
-        return cls(
-            count=r.get("Count", "4", _int_in(1, 256)),
-            max_tasks_per_worker=r.get("MaxTasksPerWorker", "0", _int_in(0)),
-            max_memory_mb=r.get("MaxMemoryMB", "0", _int_in(0)),
-        )
+    count: int = key(
+        "Count", "4", _int_in(1, 256), "pre-started worker processes shared by all sessions"
+    )
+    max_tasks_per_worker: int = key(
+        "MaxTasksPerWorker", "0", _int_in(0), "recycle a worker after this many tasks; 0 = never"
+    )
+    max_memory_mb: int = key(
+        "MaxMemoryMB", "0", _int_in(0), "kill a worker whose RSS exceeds this many MB; 0 = off"
+    )
+    ack_timeout_ms: int = key(
+        "AckTimeout",
+        "00:00:05",
+        _timespan,
+        "a worker that does not start a task it was handed within this is killed (the task"
+        " runs elsewhere, once)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class DatabaseSection:
+class DatabaseSection(Section):
     """``[Database]``: what codeunits read (workers open it read-only)."""
 
     SECTION: ClassVar[str] = "Database"
 
-    url: str
-    """Url: ``sqlite:////absolute/path`` or ``postgresql://...``."""
-
-    @property
-    def sqlite_path(self) -> Path | None:
-        """The SQLite file, or None for a PostgreSQL URL."""
-        prefix = "sqlite:///"
-        return Path(self.url[len(prefix) :]) if self.url.startswith(prefix) else None
-
-    @classmethod
-    def _from_ini(cls, r: _SectionReader) -> Self:
-        return cls(url=r.get("Url", "sqlite:///var/demo.db", _database_url(r.base_dir)))
+    url: DatabaseUrl = path_key(
+        "Url",
+        "sqlite:///var/demo.db",
+        _database_url,
+        "sqlite:///relative/path, sqlite:////absolute/path or postgresql://user@host/dbname",
+    )
+    isolation: str = key(
+        "Isolation",
+        "RepeatableRead",
+        _isolation,
+        "PostgreSQL: each task reads one snapshot (RepeatableRead), or ReadCommitted, or"
+        " Serializable (READ ONLY DEFERRABLE; not on a hot standby); SQLite: one snapshot per"
+        " task in WAL mode, per statement otherwise",
+    )
+    statement_timeout_ms: int = key(
+        "StatementTimeout",
+        "00:00:00",
+        _span,
+        "longest a single statement may run (DB:Timeout); 00:00:00 = no limit",
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class CodeunitsSection:
+class CodeunitsSection(Section):
     """``[Codeunits]``: where the ``@codeunit`` functions live."""
 
     SECTION: ClassVar[str] = "Codeunits"
 
-    modules: tuple[str, ...]
-    """Modules: dotted module names imported at start, each registering its codeunits."""
-
-    @classmethod
-    def _from_ini(cls, r: _SectionReader) -> Self:
-        return cls(modules=r.get("Modules", "workers.demo", _modules))
+    modules: tuple[str, ...] = key(
+        "Modules",
+        "workers.demo",
+        _modules,
+        "modules whose @codeunit functions are registered (comma- or space-separated)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +488,7 @@ class ServerConfig:
     """The whole of ``server.ini`` after environment overrides."""
 
     server: ServerSection
-    asynchronous_processing: AsyncSection
+    asynchronous_processing: AsyncProcessingSection
     workers: WorkersSection
     database: DatabaseSection
     codeunits: CodeunitsSection
@@ -372,9 +496,9 @@ class ServerConfig:
     """The file it was read from (absolute), or None for built-in defaults."""
 
 
-_SECTIONS: Final[tuple[type[_Section], ...]] = (
+SECTIONS: Final[tuple[type[Section], ...]] = (
     ServerSection,
-    AsyncSection,
+    AsyncProcessingSection,
     WorkersSection,
     DatabaseSection,
     CodeunitsSection,
@@ -395,21 +519,18 @@ def load_config(
     """
     env = os.environ if environ is None else environ
     base = Path(os.path.abspath(Path.cwd() if base_dir is None else base_dir))
-    given: _Given = {cls.SECTION: {} for cls in _SECTIONS}
+    given: _Given = {cls.SECTION: {} for cls in SECTIONS}
     if path is not None:
         _read_file(Path(path), given)
     _read_environ(env, given)
     origin = _NO_FILE if path is None else str(path)
 
-    def read(cls: type[_S]) -> _S:
-        reader = _SectionReader(cls.SECTION, given[cls.SECTION], origin, base)
-        section = cls._from_ini(reader)
-        reader.finish()
-        return section
+    def read(cls: type[S]) -> S:
+        return _read_section(cls, _SectionReader(cls.SECTION, given[cls.SECTION], origin, base))
 
     return ServerConfig(
         server=read(ServerSection),
-        asynchronous_processing=read(AsyncSection),
+        asynchronous_processing=read(AsyncProcessingSection),
         workers=read(WorkersSection),
         database=read(DatabaseSection),
         codeunits=read(CodeunitsSection),
@@ -439,7 +560,9 @@ def _read_file(path: Path, given: _Given) -> None:
         raise ConfigError(f"{path}: line {err.lineno}: key before any [Section]") from err
     except configparser.ParsingError as err:
         lineno, line = err.errors[0]
-        raise ConfigError(f"{path}: line {lineno}: not 'Key = value': {line}") from err
+        if len(line) > 1 and line[0] == line[-1] == "'":  # before 3.13, the line is a repr
+            line = ast.literal_eval(line)
+        raise ConfigError(f"{path}: line {lineno}: not 'Key = value': {line.strip()}") from err
     except configparser.Error as err:
         raise ConfigError(f"{path}: not an ini file: {err.message}") from err
 
@@ -454,19 +577,67 @@ def _read_file(path: Path, given: _Given) -> None:
         if section in seen:
             raise ConfigError(f"{path}: [{spelled}]: section given twice")
         seen.add(section)
-        for key, text in parser.items(spelled, raw=True):
-            if key.lower() in given[section]:
-                raise ConfigError(f"{path}: [{section}] {key}: key given twice")
-            given[section][key.lower()] = _Value(key, text, str(path))
+        for key_name, text in parser.items(spelled, raw=True):
+            if key_name.lower() in given[section]:
+                raise ConfigError(f"{path}: [{section}] {key_name}: key given twice")
+            given[section][key_name.lower()] = _Value(key_name, text, str(path))
 
 
 def _read_environ(environ: Mapping[str, str], given: _Given) -> None:
     sections = {name.upper(): name for name in given}
     for variable, text in environ.items():
         prefix, _, rest = variable.partition("_")
-        section_part, _, key = rest.partition("_")
+        section_part, _, key_name = rest.partition("_")
         section = sections.get(section_part.upper())
         # Other PBT_* variables (PBT_SOCKET is the client's) are not ours to judge.
         if prefix != "PBT" or section is None:
             continue
-        given[section][key.lower()] = _Value(key, text.strip(), variable)
+        given[section][key_name.lower()] = _Value(key_name, text.strip(), variable)
+
+
+# --- what the declarations render: the shipped file, the README table ---------------------
+
+INI_HEADER: Final = """\
+; pbt-server configuration. Every key is listed here with its default value.
+;
+; Relative paths (SocketPath, PidFile, LogFile, a sqlite Url) resolve against the directory
+; the pbt-server command runs in, once at start (before daemonizing), so the README's
+; commands work from the repository root.
+; Environment variables PBT_<SECTION>_<KEY> override this file, e.g. PBT_WORKERS_COUNT=8 or
+; PBT_ASYNCHRONOUSPROCESSING_CHILDSESSIONSMAXCONCURRENCY=2.
+; Timespans are [d.]hh:mm:ss[.fff], as in Business Central.
+;
+; This file is rendered from the declarations in pbt_server/config.py
+; (python -m pbt_server.config ini); a test keeps the two equal.
+"""
+
+
+def render_ini(sections: tuple[type[Section], ...] = SECTIONS) -> str:
+    """The shipped ``server.ini``: every key with its default, a comment above each."""
+    parts = [INI_HEADER]
+    for cls in sections:
+        parts.append(f"\n[{cls.SECTION}]\n")
+        for _, spec in keys(cls):
+            for line in textwrap.wrap(spec.doc, 94):
+                parts.append(f"; {line}\n")
+            parts.append(f"{spec.name} = {spec.default}".rstrip() + "\n")
+    return "".join(parts)
+
+
+def render_markdown(sections: tuple[type[Section], ...] = SECTIONS) -> str:
+    """The README's table of every key."""
+    rows = ["| section | key | default | meaning |", "|---|---|---|---|"]
+    for cls in sections:
+        first = True
+        for _, spec in keys(cls):
+            default = f"`{spec.default}`" if spec.default else "(empty)"
+            doc = spec.doc.replace("|", "\\|")
+            rows.append(f"| {cls.SECTION if first else ''} | {spec.name} | {default} | {doc} |")
+            first = False
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m pbt_server.config ini|markdown
+    import sys
+
+    print((render_markdown if sys.argv[1:] == ["markdown"] else render_ini)(), end="")

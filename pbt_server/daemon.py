@@ -5,20 +5,22 @@ session (no controlling terminal, stdio on the log file), then waits until that 
 exits (failure: show the end of the log) or answers a ``ping`` on the socket (success). The
 process it launched *is* the broker, so the pid it reports is the pid in the pid file.
 
-A pid file names a running pbt-server only if that pid is alive *and* its command line is a
-pbt-server's. Anything else (a dead pid, a pid the kernel reused for another program, garbage)
-is stale and gets replaced. No signal is ever sent to a pid that fails this check.
+The pid file is **locked** (``flock``) by the running server for as long as it runs, the way
+PostgreSQL's postmaster holds its lock file: a pid file names a running pbt-server only while
+its lock is held. A file left by a server that died, or naming any other process (say a
+``tail -f`` that got the dead server's pid), is stale and replaced; no signal is ever sent to
+a pid whose file is not locked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +36,6 @@ POLL_SECONDS = 0.02
 """Step of every wait loop here: short enough to feel instant, long enough not to spin."""
 LOG_TAIL_LINES = 20
 _LOG_TAIL_BYTES = 64 * 1024
-_PROGRAM_NAMES = frozenset({"pbt_server", "pbt-server"})
 
 # Handles of daemons this process started. A daemon outlives `start`, but while this process
 # lives the daemon is still its child: keeping the handle lets us reap it (no zombie) and
@@ -52,108 +53,101 @@ class AlreadyRunning(PbtError):
         self.pid = pid
 
 
-def is_pbt_server(pid: int) -> bool:
-    """True if ``pid`` is a live process whose command line runs pbt-server."""
-    if pid <= 0:
-        return False
+def _open_nofollow(path: Path, flags: int) -> int:
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:  # gone, or not ours to inspect: either way not a server we may signal
-        return False
-    # A zombie has an empty command line: it is dead for our purposes. Matching whole
-    # arguments, not substrings, keeps a checkout in a directory named "pbt-server" from
-    # making every Python process in its venv look like a server.
-    return any(_names_program(arg) for arg in argv if arg)
-
-
-def _names_program(arg: str) -> bool:
-    # `python -m pbt_server ...`, the `pbt-server` console script, `-m pbt_server.cli`.
-    return os.path.basename(arg) in _PROGRAM_NAMES or arg.startswith("pbt_server.")
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if path.is_symlink():
+            raise OSError(
+                err.errno, f"pid file {path} is a symbolic link; not following it"
+            ) from err
+        raise
 
 
 class Pidfile:
-    """The file that names the running broker's pid.
-
-    Created atomically (a reader never sees a half-written file) and removed on exit only
-    by the process whose pid it holds, so a forked worker unwinding cannot remove it.
-    """
+    """The file that names the running broker's pid, locked while that broker runs."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._fd: int | None = None  # open and locked while we hold it
+
+    def fileno(self) -> int | None:
+        """The locked file's descriptor while we hold it (workers must not inherit it)."""
+        return self._fd
 
     def read(self) -> int | None:
         """Return the pid in the file, or None if the file is missing or not a pid."""
         try:
             text = self.path.read_bytes().decode("ascii").strip()
-        except (FileNotFoundError, UnicodeDecodeError):
+        except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError):
             return None
         if not text.isdigit():
             return None
         pid = int(text)
         return pid if pid > 0 else None
 
+    def locked(self) -> bool:
+        """True while some process holds the file's lock: a server runs."""
+        if self._fd is not None:
+            return True
+        try:
+            fd = _open_nofollow(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we may have taken
+        return False
+
     def running_pid(self) -> int | None:
-        """Return the pid in the file if it is a live pbt-server, else None."""
-        pid = self.read()
-        return pid if pid is not None and is_pbt_server(pid) else None
+        """Return the pid of the server holding the file, or None if none does."""
+        return self.read() if self.locked() else None
 
     def acquire(self) -> int | None:
-        """Write this process's pid to the file.
+        """Lock the file and write this process's pid into it; hold it until :meth:`release`.
 
         Returns:
-            The pid of a stale pid file that was replaced, or None (no file, or garbage).
+            The pid a stale file named (replaced now), or None.
 
         Raises:
-            AlreadyRunning: the file names another live pbt-server.
+            AlreadyRunning: another live server holds the file's lock.
         """
-        me = os.getpid()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{me}\n")
-            return self._link(tmp, me)
-        finally:
-            os.unlink(tmp)
-
-    def _link(self, tmp: str, me: int) -> int | None:
-        stale: int | None = None
-        for _ in range(3):
-            try:
-                os.link(tmp, self.path)  # fails if the name exists: no check-then-write race
-                return stale
-            except FileExistsError:
-                pass
-            holder = self.read()
-            if holder == me:
-                return None
-            if holder is not None and is_pbt_server(holder):
-                raise AlreadyRunning(pid=holder)
-            if holder is None:
-                log.warning("Replacing unreadable pid file %s", self.path)
-            else:
-                log.warning(
-                    "Replacing stale pid file %s (pid %d is not a pbt-server)", self.path, holder
-                )
-                stale = holder
-            # Two starters replacing the same stale file in the same instant can both get
-            # past this unlink; like gunicorn's pid file we accept that narrow window.
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        holder = self.read() or 0
-        raise AlreadyRunning(f"pid file {self.path} keeps being re-created", pid=holder)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(pid=self.read() or 0) from None
+        stale = self.read()
+        if stale is not None:
+            log.warning("Replacing stale pid file %s (pid %d is not running it)", self.path, stale)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return stale
 
     def release(self) -> None:
-        """Remove the file if it still holds this process's pid."""
-        self.remove_if_holds(os.getpid())
+        """Remove the file and drop its lock, if this process holds it."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self.read() == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        os.close(fd)
 
-    def remove_if_holds(self, pid: int) -> bool:
-        """Remove the file if it holds ``pid``; return whether it was removed."""
-        if self.read() != pid:
-            return False
+    def remove_stale(self) -> int | None:
+        """Remove the file if no server holds it; return the pid it named."""
+        if self.locked():
+            return None
+        pid = self.read()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        return True
+        return pid
 
 
 def start_daemon(config_path: Path | None, config: ServerConfig, *, timeout: float = 30.0) -> int:
@@ -198,12 +192,14 @@ def start_daemon(config_path: Path | None, config: ServerConfig, *, timeout: flo
             print(f"pbt-server started (pid {proc.pid}), listening on {socket_path}")
             return 0
         time.sleep(POLL_SECONDS)
-    _report_failure(f"pbt-server failed to start ({_describe_exit(code)})", log_file, log_offset)
+    from pbt_server.proctree import describe_exit
+
+    _report_failure(f"pbt-server failed to start ({describe_exit(code)})", log_file, log_offset)
     return 1
 
 
 def stop_daemon(config: ServerConfig, *, timeout: float = 30.0) -> int:
-    """Stop the running broker with SIGTERM and wait until its process is gone.
+    """Stop the running broker with SIGTERM and wait until it has released its pid file.
 
     Returns:
         0 when it stopped, and also when it was not running (nothing to do; a stale pid
@@ -211,37 +207,47 @@ def stop_daemon(config: ServerConfig, *, timeout: float = 30.0) -> int:
     """
     _reap_launched()
     pidfile = Pidfile(config.server.pid_file)
-    pid = pidfile.read()
-    if pid is None or not is_pbt_server(pid):
-        if pid is not None and pidfile.remove_if_holds(pid):
-            print(f"pbt-server is not running (removed stale pid file {pidfile.path}, pid {pid})")
+    pid = pidfile.running_pid()
+    if pid is None:
+        stale = pidfile.remove_stale()
+        if stale is not None:
+            print(f"pbt-server is not running (removed stale pid file {pidfile.path}, pid {stale})")
         else:
             print("pbt-server is not running")
         return 0
     try:
-        os.kill(pid, signal.SIGTERM)
+        # A pidfd names that very process: checking the lock after opening it closes the
+        # window in which the server could exit and its pid be reused.
+        pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        pass  # it exited between the check and the signal: already what we want
-    except PermissionError as err:
-        print(f"pbt-server: cannot stop pid {pid}: {err.strerror}", file=sys.stderr)
-        return 1
-    if not _wait_until_gone(pid, timeout):
+        pidfd = None  # it exited between the check and now: already what we want
+    if pidfd is not None:
+        try:
+            if pidfile.running_pid() == pid:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        except PermissionError as err:
+            print(f"pbt-server: cannot stop pid {pid}: {err.strerror}", file=sys.stderr)
+            return 1
+        finally:
+            os.close(pidfd)
+    if not _wait_until_released(pidfile, timeout):
         print(
             f"pbt-server (pid {pid}) did not stop within {timeout:g} s; it is still running",
             file=sys.stderr,
         )
         return 1
-    # A broker killed hard leaves its pid file behind; it names a dead pid now.
-    pidfile.remove_if_holds(pid)
+    pidfile.remove_stale()  # a broker killed hard leaves its file behind, unlocked
     print(f"pbt-server stopped (pid {pid})")
     return 0
 
 
-def _wait_until_gone(pid: int, timeout: float) -> bool:
+def _wait_until_released(pidfile: Pidfile, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         _reap_launched()
-        if not is_pbt_server(pid):
+        if not pidfile.locked():
             return True
         if time.monotonic() >= deadline:
             return False
@@ -252,7 +258,7 @@ def _answers_ping(socket_path: Path, timeout: float) -> bool:
     from pbt_server.client import connect  # lazy: keeps `pbt-server --version` fast
 
     try:
-        with connect(str(socket_path), timeout=timeout) as session:
+        with connect(str(socket_path), timeout=timeout, operator=True) as session:
             session.ping()
     except (PbtError, OSError):
         return False  # not listening yet (or not answering yet): keep polling
@@ -270,14 +276,6 @@ def _abandon(proc: subprocess.Popen[bytes]) -> None:
 
 def _reap_launched() -> None:
     _launched[:] = [proc for proc in _launched if proc.poll() is None]
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-        return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 def _report_failure(headline: str, log_file: Path, offset: int) -> None:

@@ -58,7 +58,7 @@ def create_database(path: Path, customers: int = CUSTOMERS) -> int:
 
 def main(config_path: Path | None) -> int:
     config = load_config(config_path)
-    db_path = config.database.sqlite_path
+    db_path = config.database.url.path
     if db_path is not None and not db_path.exists():
         blocked = create_database(db_path)
         print(f"created demo database {db_path}: {CUSTOMERS} customers, {blocked} blocked")

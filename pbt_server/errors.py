@@ -1,18 +1,30 @@
-"""One error hierarchy for broker, client and workers.
+"""One error hierarchy for broker, client and workers, and the one list of wire codes.
 
-Every error that crosses a process boundary carries a wire ``code`` (the codes of SPEC §3).
-Subclasses register their code when they are defined, so decoding an error from the wire
-needs no hand-kept table: ``error_from_wire(code, text)`` returns an instance of the
-registered class, or a plain :class:`PbtError` carrying the unknown code.
+Every error that crosses a process boundary carries a wire ``code``. There are two kinds:
+
+- **Request errors**: a request failed synchronously (an enqueue refused, a protocol fault).
+  Each is a :class:`PbtError` subclass that names its code; subclasses register their code
+  when they are defined, so ``error_from_wire(code, text)`` needs no hand-kept table.
+- **Task outcomes**: a task ended in error (:class:`BackgroundTaskError`, code from
+  :class:`ChildSessionCode`, or a codeunit's own code) or was cancelled
+  (:class:`BackgroundTaskCanceled`, code from :class:`CancelReason`).
+
+:func:`known_codes` lists every code the server itself sends; the README's tables and the
+protocol fuzzer's expectations are derived from it.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import ClassVar
 
 
 class PbtError(Exception):
-    """Base of every pbt-server error; ``.code`` is its wire code, ``.text`` its message."""
+    """Base of every pbt-server error; ``.code`` is its wire code, ``.text`` its message.
+
+    ``str(err)`` is the text alone (the code is ``err.code``), so ``f"{err.code}: {err}"``
+    says each once.
+    """
 
     code: str = "PbtError"
     _registry: ClassVar[dict[str, type[PbtError]]] = {}
@@ -30,15 +42,29 @@ class PbtError(Exception):
             self.code = code
 
     def __str__(self) -> str:
-        return f"{self.code}: {self.text}" if self.text else self.code
+        return self.text or self.code
 
 
 def error_from_wire(code: str, text: str) -> PbtError:
-    """Rebuild the error a peer reported as ``(code, text)``."""
+    """Rebuild the request error a peer reported as ``(code, text)``."""
     cls = PbtError._registry.get(code, PbtError)
-    if cls in (BackgroundTaskError, BackgroundTaskCanceled):
-        cls = PbtError
+    if issubclass(cls, BackgroundTaskError | BackgroundTaskCanceled | CodeunitError):
+        cls = PbtError  # outcome codes arrive as events, never as request errors
     return cls(text, code=code)
+
+
+def request_error_codes() -> dict[str, type[PbtError]]:
+    """Every registered request-error code, with its class."""
+    return {
+        code: cls
+        for code, cls in PbtError._registry.items()
+        if not issubclass(cls, BackgroundTaskError | BackgroundTaskCanceled | CodeunitError)
+    }
+
+
+def known_codes() -> frozenset[str]:
+    """Every code the server may send: request errors, task error codes, cancel reasons."""
+    return frozenset(request_error_codes()) | frozenset(ChildSessionCode) | frozenset(CancelReason)
 
 
 class ConfigError(PbtError):
@@ -53,6 +79,12 @@ class ProtocolError(PbtError):
     code = "ProtocolError"
 
 
+class InternalError(PbtError):
+    """A bug in the server; the connection that met it is closed, the server goes on."""
+
+    code = "InternalError"
+
+
 class AuthenticationFailed(PbtError):
     """The connection did not present the server's ``AuthToken``."""
 
@@ -60,7 +92,8 @@ class AuthenticationFailed(PbtError):
 
 
 class ServerBusy(PbtError):
-    """The server already has ``MaxConnections`` connections open."""
+    """The server has no room for another connection (``MaxConnections``, or the small
+    budget of connections that have not said hello yet)."""
 
     code = "ServerBusy"
 
@@ -77,7 +110,19 @@ class PageNotFound(PbtError):
     code = "PageNotFound"
 
 
-# --- enqueue failures: raised synchronously by enqueue_background_task (SPEC §3) ---------
+class NotAllowed(PbtError):
+    """The connection may not make this request (an operator connection enqueuing, say)."""
+
+    code = "NotAllowed"
+
+
+class BootFailed(PbtError):
+    """The worker pool cannot start or keep workers running; the broker stops."""
+
+    code = "BootFailed"
+
+
+# --- enqueue failures: raised synchronously by enqueue_background_task ------------------
 
 
 class EnqueueError(PbtError):
@@ -93,7 +138,7 @@ class QueueFull(EnqueueError):
 
 
 class UnknownCodeunit(EnqueueError):
-    """No codeunit is registered under that id."""
+    """No codeunit is registered under that id (or this session may not run it)."""
 
     code = "UnknownCodeunit"
 
@@ -116,7 +161,74 @@ class ServerShuttingDown(EnqueueError):
     code = "ServerShuttingDown"
 
 
+class MemoryBudgetExceeded(EnqueueError):
+    """The broker's budget for buffered input and queued parameters (``MaxBufferedMB``) is
+    spent; the task is refused rather than the broker growing without bound."""
+
+    code = "ServerMemoryBudget"
+
+
 # --- task outcomes -----------------------------------------------------------------------
+
+
+class ChildSessionCode(StrEnum):
+    """Error codes the server gives a task that ended in the child session."""
+
+    TASK_TIMEOUT = "ChildSessionTaskTimeout"
+    CRASHED = "ChildSessionCrashed"
+    MEMORY_LIMIT = "ChildSessionMemoryLimit"
+    INVALID_RESULT = "ChildSessionInvalidResult"
+    DB_WRITE_DENIED = "DB:WriteDenied"
+    DB_DEADLOCK = "DB:Deadlock"
+    DB_SERIALIZATION_FAILURE = "DB:SerializationFailure"
+    DB_TIMEOUT = "DB:Timeout"
+    DB_CONNECTION_LOST = "DB:ConnectionLost"
+
+    @property
+    def meaning(self) -> str:
+        """When the code is sent (for the README's table)."""
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ChildSessionCode.TASK_TIMEOUT: "ran past its timeout; the worker's process tree was killed",
+    ChildSessionCode.CRASHED: (
+        "the worker died (signal, `os._exit`) or broke the pipe protocol; the text says how"
+    ),
+    ChildSessionCode.MEMORY_LIMIT: "the worker's RSS went over `MaxMemoryMB`; killed",
+    ChildSessionCode.INVALID_RESULT: (
+        "the result is not `dict[str, str]`, cannot be packed, or is larger than"
+        " `MaxFrameBytes` allows"
+    ),
+    ChildSessionCode.DB_WRITE_DENIED: (
+        "the codeunit tried to write; the text is the database's message, or `ctx.db is"
+        " read-only: …` for what `ctx.db` refuses before the database sees it"
+    ),
+    ChildSessionCode.DB_DEADLOCK: "the database chose this task's transaction as a deadlock victim",
+    ChildSessionCode.DB_SERIALIZATION_FAILURE: (
+        "the database could not keep the task's snapshot consistent (`Isolation = Serializable`)"
+        " or a hot standby cancelled it for a conflict with recovery; run it again"
+    ),
+    ChildSessionCode.DB_TIMEOUT: (
+        "a statement ran past `StatementTimeout`, or waited too long for a lock"
+    ),
+    ChildSessionCode.DB_CONNECTION_LOST: (
+        "the connection to the database broke (server restart, failover, network); the next"
+        " task reconnects"
+    ),
+}
+
+TASK_TIMEOUT_TEXT = "Child Session task was terminated because of a timeout."
+
+
+class CancelReason(StrEnum):
+    """Why a task was cancelled (``BackgroundTaskCanceled.code``)."""
+
+    CANCELED = "Canceled"  # cancel_background_task
+    RECORD_CHANGED = "RecordChanged"
+    PAGE_CLOSED = "PageClosed"
+    SESSION_CLOSED = "SessionClosed"
+    SERVER_SHUTTING_DOWN = "ServerShuttingDown"
 
 
 class BackgroundTaskError(PbtError):
@@ -142,7 +254,7 @@ class BackgroundTaskCanceled(PbtError):
         self.task_id = task_id
 
 
-# --- client-side connection state (trio's rule: say whose fault it was) -------------------
+# --- client-side connection state (whose fault it was) ------------------------------------
 
 
 class ConnectionLost(PbtError):
@@ -165,18 +277,3 @@ class CodeunitError(PbtError):
     """
 
     code = "CodeunitError"
-
-
-# Codes the broker sends for a task that ended in the child session (SPEC §3 table).
-TASK_TIMEOUT = "ChildSessionTaskTimeout"
-TASK_TIMEOUT_TEXT = "Child Session task was terminated because of a timeout."
-TASK_CRASHED = "ChildSessionCrashed"
-TASK_MEMORY_LIMIT = "ChildSessionMemoryLimit"
-TASK_INVALID_RESULT = "ChildSessionInvalidResult"
-DB_WRITE_DENIED = "DB:WriteDenied"
-# Reasons a task was cancelled (``BackgroundTaskCanceled.code``).
-CANCELED_BY_ID = "Canceled"
-CANCELED_RECORD_CHANGED = "RecordChanged"
-CANCELED_PAGE_CLOSED = "PageClosed"
-CANCELED_SESSION_CLOSED = "SessionClosed"
-CANCELED_SHUTDOWN = "ServerShuttingDown"

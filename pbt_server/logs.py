@@ -5,19 +5,26 @@
 - Worker records reach the same file through multiprocessing-logging. Each worker gets its
   **own** ``MultiProcessingHandler`` (its own queue and lock), built by the broker just before
   the fork. With one shared handler, a worker SIGKILLed while its feeder thread held the
-  queue's lock wedged every worker's logging for good (package-notes §1.5; reproduced on the
-  first kill). Now a kill can only lose that worker's last records: its queue dies with it.
-  That loss is why the broker logs every task's fate itself.
+  queue's lock wedged every worker's logging for good (reproduced on the first kill: POSIX
+  semaphores are not released by a dying process). Now a kill can only lose that worker's
+  last records: its queue dies with it. That loss is why the broker logs every task's fate
+  itself.
+- The log file is opened without following a symbolic link (as the socket and pid file
+  are), reopened on ``SIGUSR1`` or ``SIGHUP`` (after logrotate renamed it), and a write that
+  fails (disk full) costs one line on stderr, not a traceback per record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import multiprocessing
+import os
 import queue
 import sys
 from pathlib import Path
+from typing import Any
 
 import multiprocessing_logging
 
@@ -41,17 +48,74 @@ class _Forward(logging.Handler):
                 target.handle(record)
 
 
+class LogFile(logging.FileHandler):
+    """The server's log file: no symlink followed, reopened on request, quiet when it fails."""
+
+    def __init__(self, path: Path) -> None:
+        self._failing = False
+        self.dropped = 0
+        super().__init__(path, encoding="utf-8")
+
+    def _open(self) -> Any:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.baseFilename, flags, 0o640)
+        except OSError as err:
+            if os.path.islink(self.baseFilename):
+                raise OSError(
+                    err.errno, f"LogFile {self.baseFilename} is a symbolic link; not following it"
+                ) from err
+            raise
+        return open(fd, "a", encoding=self.encoding)
+
+    def reopen(self) -> None:
+        """Close the file; the next record opens the path again (a new file after a rename)."""
+        assert self.lock is not None
+        with self.lock:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            try:
+                self.stream = self._open()
+            except OSError:
+                self.handleError(record)
+                return
+        logging.StreamHandler.emit(self, record)
+        if self._failing and self.stream is not None:
+            self._failing = False
+            sys.stderr.write(f"pbt-server: writing {self.baseFilename} again\n")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # A full disk fails every record: say so once, not with a traceback per record.
+        self.dropped += 1
+        if not self._failing:
+            self._failing = True
+            err = sys.exc_info()[1]
+            sys.stderr.write(
+                f"pbt-server: cannot write {self.baseFilename} ({err}); dropping log records"
+                " until it works again\n"
+            )
+        if self.stream is not None:  # try a fresh file handle with the next record
+            with contextlib.suppress(OSError):
+                self.stream.close()
+            self.stream = None
+
+
 class BrokerLogging:
     """The handlers of one broker run; ``close`` flushes and stops their threads."""
 
     def __init__(self, log_file: Path, level: str, *, to_stderr: bool) -> None:
-        # multiprocessing-logging refuses any start method but fork (package-notes §0.1);
-        # set it before the handler exists. Python 3.14 would otherwise default to forkserver.
+        # multiprocessing-logging refuses any start method but fork; set it before the
+        # handler exists. Python 3.14 would otherwise default to forkserver.
         if multiprocessing.get_start_method(allow_none=True) != "fork":
             multiprocessing.set_start_method("fork", force=True)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         formatter = logging.Formatter(FORMAT)
-        self.outputs: list[logging.Handler] = [logging.FileHandler(log_file, encoding="utf-8")]
+        self.file = LogFile(log_file)
+        self.outputs: list[logging.Handler] = [self.file]
         if to_stderr:
             self.outputs.append(logging.StreamHandler(sys.stderr))
         for handler in self.outputs:
@@ -73,6 +137,15 @@ class BrokerLogging:
         handler = multiprocessing_logging.MultiProcessingHandler(name, sub_handler=self._forward)
         handler.setLevel(self.level)
         return handler
+
+    def reopen(self) -> None:
+        """Reopen the log file (after logrotate moved it away)."""
+        self.file.reopen()
+
+    def fds(self) -> tuple[int, ...]:
+        """The log file's descriptor, which no worker needs."""
+        stream = self.file.stream
+        return (stream.fileno(),) if stream is not None and not stream.closed else ()
 
     def close(self) -> None:
         self.root.handlers = self.saved[1]

@@ -1,14 +1,33 @@
 """The worker pool: fork, feed, watch, kill and replace worker processes.
 
-The only module that touches worker processes. Everything runs in the broker's event loop
-and never blocks it: pipes are non-blocking fds watched with ``add_reader``; a worker's death
-is seen through its pidfd (``Process.sentinel`` would wait for grandchildren that inherited
-it, package-notes §3.4) and classified from its exit status.
+The only module that touches worker processes, and the only one that knows which worker runs
+which task. Everything runs in the broker's event loop and never blocks it: pipes are
+non-blocking fds watched with ``add_reader``; a worker's death is seen through its pidfd
+(``Process.sentinel`` would also wait for grandchildren that inherited it) and classified
+from its exit status.
 
-Start method: **fork**, named here once. multiprocessing-logging works only with fork
-(package-notes §0.1); fork is also 50x cheaper than spawn, which keeps a replacement worker
-ready within a few ms of a kill. The hazards of forking from a running asyncio loop are
-handled by the worker's prologue (workers/main.py).
+Start method: **fork**, named here once. multiprocessing-logging works only with fork, and
+fork is 50x cheaper than spawn, which keeps a replacement worker ready within a few ms of a
+kill. The hazards of forking from a running asyncio loop are handled by the worker's
+prologue (``workers/main.py``).
+
+The verbs: :meth:`WorkerPool.assign` hands a task to an idle worker, :meth:`worker_of`
+names the worker running a task, :meth:`abort` kills that worker and forgets the task,
+:meth:`retire` lets a worker exit after its task, :meth:`replace` refills a slot (from the
+booted standby when it can). The pool finishes its own bookkeeping before it tells the
+broker anything (:class:`PoolListener`), so the broker may assign or abort from inside any
+callback.
+
+Worker states::
+
+    BOOTING --ready--> IDLE --assign--> BUSY --done/failed--> IDLE
+       |                 |                |       (or RETIRING: a task left something
+       |                 |                |        behind, or MaxTasksPerWorker reached)
+       +--------+--------+-------+--------+
+                |                |
+            retire/stop       abort/kill/protocol fault
+                v                v
+             RETIRING         KILLED  --pidfd--> DEAD
 """
 
 from __future__ import annotations
@@ -20,16 +39,22 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import psutil
 
 from pbt_server import proctree
+from pbt_server.codeunits import Codeunit, load_modules
+from pbt_server.config import CodeunitsSection, DatabaseSection, WorkersSection
+from pbt_server.errors import BootFailed, ProtocolError
 from pbt_server.logs import queue_fds, retire_worker_handler
-from pbt_server.protocol import pack, pipe_unpacker
+from pbt_server.proctree import describe_exit
+from pbt_server.protocol import FROM_WORKER, Run, brief, pack, pipe_unpacker
+from workers.database import preload
 from workers.main import EXIT_BOOT_FAILURE, WorkerSpec, run_worker
 
 if TYPE_CHECKING:
@@ -46,8 +71,52 @@ RETIRE_GRACE: Final = 10.0  # seconds a retired worker may take to exit
 STANDBY: Final = -1  # the slot number of the standby worker
 STANDBY_REFILL_DELAY: Final = 0.02  # let the work a kill freed go first, then fork
 SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)
+MESSAGE_OVERHEAD: Final = 256  # a pipe message's own fields around a result or error text
 
 log = logging.getLogger(__name__)
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait before the next attempt after ``failures`` failures in a row."""
+    return float(min(0.1 * 2**failures, BOOT_BACKOFF_MAX))
+
+
+# --- what every worker inherits ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerImage:
+    """What the broker prepares once, before its loop and its first fork, for every worker."""
+
+    codeunits: Mapping[int, Codeunit]
+    keep_sockets: frozenset[int]  # sockets the codeunit modules opened at import: theirs
+
+
+def prepare_workers(codeunits: CodeunitsSection, database: DatabaseSection) -> WorkerImage:
+    """Import the codeunit modules and the database driver into the broker, once.
+
+    Workers are forked from the broker, so they inherit both instead of importing them at
+    every boot. Sockets that exist now were opened by the modules and stay open in the
+    workers; every socket the broker opens later (listeners, clients) is closed there.
+
+    Raises:
+        ImportError: a module cannot be imported (or called ``sys.exit`` at import).
+    """
+    before = set(threading.enumerate())
+    found = load_modules(codeunits.modules)
+    for thread in set(threading.enumerate()) - before:
+        # Only the forking thread survives a fork: a codeunit relying on this thread would
+        # wait for it forever, in every worker.
+        log.warning(
+            "a codeunit module started thread %r at import; threads do not survive the fork"
+            " into the workers, so a codeunit that relies on it will hang until its timeout",
+            thread.name,
+        )
+    preload(database)
+    return WorkerImage(codeunits=found, keep_sockets=frozenset(proctree.socket_fds()))
+
+
+# --- workers ------------------------------------------------------------------------------
 
 
 class WorkerState(enum.Enum):
@@ -61,6 +130,8 @@ class WorkerState(enum.Enum):
 
 @dataclass(eq=False, slots=True, repr=False)
 class Worker:
+    """One worker incarnation. Written by the pool only; others read ``pid`` and ``state``."""
+
     slot: int
     gen: int
     process: BaseProcess
@@ -74,7 +145,6 @@ class Worker:
     tasks_done: int = 0
     pending: bytearray = field(default_factory=bytearray)  # job bytes the pipe did not take
     log_handler: logging.Handler | None = None
-    timer: asyncio.TimerHandle | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
     _ps: psutil.Process | None = None
 
@@ -94,53 +164,69 @@ class Worker:
 
 
 class PoolListener(Protocol):
-    """What the pool reports to the broker."""
+    """What the pool reports to the broker, after its own bookkeeping is done."""
 
-    def worker_idle(self, worker: Worker) -> None: ...
-    def task_started(self, worker: Worker, task: Task) -> None: ...
-    def task_done(self, worker: Worker, task: Task, results: dict[str, str]) -> None: ...
-    def task_failed(self, worker: Worker, task: Task, code: str, text: str, stack: str) -> None: ...
-    def worker_crashed(self, worker: Worker, task: Task, how: str) -> None: ...
+    def capacity_freed(self) -> None:
+        """A worker became idle (booted, promoted, or done with a task)."""
+
+    def task_started(self, task: Task) -> None: ...
+    def task_done(self, task: Task, results: dict[str, str]) -> None: ...
+    def task_failed(self, task: Task, code: str, text: str, stack: str) -> None: ...
+
+    def task_lost(self, task: Task, how: str, *, started_elsewhere_ok: bool) -> None:
+        """The worker running ``task`` died or broke the protocol; it was killed and
+        replaced. ``started_elsewhere_ok``: it may be requeued if it never started."""
+
     def pool_broken(self, reason: str) -> None: ...
 
 
 class WorkerPool:
-    """``count`` worker slots, each holding one live worker incarnation at a time."""
+    """``Workers.Count`` worker slots, each holding one live worker incarnation at a time,
+    plus one booted standby."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         listener: PoolListener,
+        workers: WorkersSection,
+        database: DatabaseSection,
         *,
-        count: int,
-        database_url: str,
+        image: WorkerImage,
         max_result_bytes: int,
-        max_tasks_per_worker: int,
-        keep_sockets: frozenset[int] = frozenset(),
+        log_handler_factory: Callable[[str], logging.Handler] | None = None,
+        instance: str = "",
+        private_fds: Callable[[], Iterable[int]] = tuple,
     ) -> None:
         self.loop = loop
         self.listener = listener
-        self.count = count
-        self.database_url = database_url
+        self.config = workers
+        self.database = database
+        self.image = image
         self.max_result_bytes = max_result_bytes
-        self.max_tasks_per_worker = max_tasks_per_worker
-        self.keep_sockets = keep_sockets
-        self.slots: list[Worker | None] = [None] * count
+        # Builds each worker's own multiprocessing-logging handler (logs.py says why).
+        self.log_handler_factory = log_handler_factory
+        self.instance = instance  # marks every worker's environment (proctree.kill_leftovers)
+        self.private_fds = private_fds  # the broker's own fds (pid file lock, log file)
+        self.slots: list[Worker | None] = [None] * workers.count
         # One booted spare: a killed worker's slot is refilled at once by promoting it, so
         # kill+replace costs no fork on the critical path (the refill forks a little later).
         self.standby: Worker | None = None
-        self.idle: deque[Worker] = deque()
-        self.others: set[Worker] = set()  # retiring or killed, not yet reaped
-        self.boot_failures = 0
-        self.last_boot_error = ""
-        self.stopping = False
-        # Builds each worker's own multiprocessing-logging handler (logs.py says why).
-        self.log_handler_factory: Callable[[str], logging.Handler] | None = None
-        self.fork_failures = 0
+        self._idle: deque[Worker] = deque()
+        self._running: dict[int, Worker] = {}  # job -> the worker running it
+        self._others: set[Worker] = set()  # retiring or killed, not yet reaped
+        self._stopping = False
+        self._boot_failures = 0
+        self._last_boot_error = ""
+        self._fork_failures = 0
         self._gen = 0
         self._ready_waiter: asyncio.Future[None] | None = None
         self._reaped = asyncio.Event()  # set whenever a worker process has been reaped
         self._sweeper: asyncio.TimerHandle | None = None
+        self._max_message = max_result_bytes + MESSAGE_OVERHEAD
+
+    @property
+    def count(self) -> int:
+        return len(self.slots)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -148,155 +234,100 @@ class WorkerPool:
         """Fork every worker and wait until all are ready (at most ``boot_limit`` seconds).
 
         Raises:
-            RuntimeError: a worker could not boot (the message is the worker's reason).
+            BootFailed: a worker could not boot (the message is the worker's reason).
         """
         self._ready_waiter = self.loop.create_future()
         for slot in range(self.count):
-            self.spawn(slot)
-        self.spawn(STANDBY)
+            self._spawn(slot)
+        self._spawn(STANDBY)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         try:
             async with asyncio.timeout(boot_limit):
                 await self._ready_waiter
         except TimeoutError:
-            raise RuntimeError(f"workers did not become ready within {boot_limit:.0f} s") from None
+            raise BootFailed(f"workers did not become ready within {boot_limit:.0f} s") from None
         finally:
             self._ready_waiter = None
 
-    def spawn(self, slot: int) -> Worker | None:
-        """Fork a worker into ``slot``; if the OS refuses (no fds, no memory), retry later."""
-        try:
-            worker = self._fork(slot)
-        except OSError as err:
-            self.fork_failures += 1
-            delay = min(0.1 * 2**self.fork_failures, BOOT_BACKOFF_MAX)
-            log.error("cannot start a worker in slot %d: %s; retrying in %.1f s", slot, err, delay)
-            self.loop.call_later(delay, self._respawn_if_empty, slot)
-            return None
-        self.fork_failures = 0
-        return worker
-
-    def replace(self, slot: int) -> None:
-        """Refill ``slot``: with the standby at once if it is ready, else by a fork on the next
-        loop turn (so the caller's outcome goes out first)."""
-        if self.stopping:
-            return
-        standby = self.standby
-        if slot == STANDBY:
-            self.loop.call_later(STANDBY_REFILL_DELAY, self._respawn_if_empty, STANDBY)
-        elif standby is not None and standby.state is WorkerState.IDLE and not standby.exited:
-            self.standby = None
-            standby.slot = slot  # standby -> slot
-            self.slots[slot] = standby
-            self.idle.append(standby)
-            self.loop.call_soon(self.listener.worker_idle, standby)
-            self.loop.call_later(STANDBY_REFILL_DELAY, self._respawn_if_empty, STANDBY)
-        else:
-            self.loop.call_soon(self._respawn_if_empty, slot)
-
-    def _fork(self, slot: int) -> Worker:
-        opened: list[int] = []
-        handler: logging.Handler | None = None
-        try:
-            job_r, job_w = os.pipe()
-            opened += (job_r, job_w)
-            res_r, res_w = os.pipe()
-            opened += (res_r, res_w)
-            os.set_blocking(job_w, False)
-            os.set_blocking(res_r, False)
-            self._gen += 1
-            if self.log_handler_factory is not None:
-                handler = self.log_handler_factory(f"pbt-worker-log-{slot}.{self._gen}")
-            spec = WorkerSpec(
-                slot=slot,
-                gen=self._gen,
-                job_r=job_r,
-                res_w=res_w,
-                close_fds=(job_w, res_r, *self._fds()),
-                keep_sockets=self.keep_sockets,
-                broker_pid=os.getpid(),
-                database_url=self.database_url,
-                max_result_bytes=self.max_result_bytes,
-                log_handler=handler,
-            )
-            # daemon=True: if the broker ever exits without stopping us, multiprocessing's
-            # atexit terminates workers instead of joining them (a join would wait on our pipes).
-            process = _MP.Process(
-                target=run_worker, args=(spec,), name=f"pbt-worker-{slot}", daemon=True
-            )
-            process.start()
-        except BaseException:
-            for fd in opened:
-                os.close(fd)
-            if handler is not None:
-                retire_worker_handler(handler)
-            raise
-        os.close(job_r)
-        os.close(res_w)
-        pid = process.pid
-        assert pid is not None
-        with contextlib.suppress(OSError):
-            os.setpgid(pid, pid)  # both sides call it, so killpg works from the first instant
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            os.kill(pid, signal.SIGKILL)  # unwatchable: never let it run
-            process.join()
-            process.close()
-            for fd in (job_w, res_r):
-                os.close(fd)
-            if handler is not None:
-                retire_worker_handler(handler)
-            raise
-        worker = Worker(slot, self._gen, process, pid, job_w, res_r, pidfd, pipe_unpacker())
-        worker.log_handler = handler
-        if slot == STANDBY:
-            self.standby = worker
-        else:
-            self.slots[slot] = worker
-        self.loop.add_reader(res_r, self._on_readable, worker)
-        self.loop.add_reader(pidfd, self._on_exit, worker)
-        log.debug("worker %d (slot %d, gen %d) forked", pid, slot, worker.gen)
-        return worker
-
-    def _fds(self) -> list[int]:
-        """Every fd a new worker must not hold: the other workers' pipes, pidfds, sentinels
-        and log queues (holding a dead worker's queue open would keep its reader waiting)."""
-        fds: list[int] = []
+    async def stop(self, grace: float) -> None:
+        """Stop every worker: idle ones exit on EOF (``grace`` seconds); busy ones are killed."""
+        self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for worker in self.workers():
-            fds += (worker.job_w, worker.res_r, worker.pidfd, worker.process.sentinel)
-            if worker.log_handler is not None:
-                fds += queue_fds(worker.log_handler)
-        return [fd for fd in fds if fd >= 0]
+            if worker.state is WorkerState.BUSY:
+                self._kill(worker, "server stopping")
+            elif worker.state in (WorkerState.IDLE, WorkerState.BOOTING):
+                self._detach(worker, WorkerState.RETIRING)
+        try:
+            async with asyncio.timeout(grace):
+                await self._all_reaped()
+        except TimeoutError:
+            for worker in list(self._others):
+                self._kill(worker, f"did not exit within {grace:.0f} s")
+            await self._all_reaped()
+        proctree.reap_orphans(set())
 
     def workers(self) -> list[Worker]:
+        """Every live incarnation: the slots' workers, the standby, and those being reaped."""
         standby = [self.standby] if self.standby is not None else []
-        return [w for w in self.slots if w is not None] + standby + list(self.others)
+        return [w for w in self.slots if w is not None] + standby + list(self._others)
 
     def pids(self) -> set[int]:
         return {w.pid for w in self.workers()}
 
-    # --- tasks ----------------------------------------------------------------------------
+    # --- tasks --------------------------------------------------------------------------------
 
-    def assign(self, worker: Worker, task: Task) -> None:
-        assert worker.state is WorkerState.IDLE, worker.state
+    @property
+    def has_idle(self) -> bool:
+        return bool(self._idle)
+
+    def assign(self, task: Task) -> Worker | None:
+        """Hand ``task`` to an idle worker and return it; None if none is idle."""
+        if not self._idle:
+            return None
+        worker = self._idle.popleft()
+        assert worker.state is WorkerState.IDLE, worker
         worker.state = WorkerState.BUSY  # IDLE -> BUSY
         worker.task = task
-        self._send(
-            worker,
-            pack(
-                {
-                    "op": "run",
-                    "job": task.job,
-                    "codeunit": task.codeunit,
-                    "parameters": task.parameters,
-                    "task": task.id,
-                    "session": task.session.id,
-                    "record": task.record,
-                    "timeout": task.timeout_ms,
-                }
-            ),
-        )
+        self._running[task.job] = worker
+        run: Run = {
+            "op": "run",
+            "job": task.job,
+            "codeunit": task.codeunit,
+            "parameters": task.parameters,
+            "task": task.id,
+            "session": task.session.id,
+            "record": task.record,
+            "timeout": task.timeout_ms,
+            "context": task.session.context,
+        }
+        self._send(worker, pack(run))
+        return worker
+
+    def worker_of(self, task: Task) -> Worker | None:
+        return self._running.get(task.job)
+
+    def abort(self, task: Task, reason: str) -> bool:
+        """Kill the worker running ``task`` (its whole tree) and forget the task; the slot is
+        refilled. No listener call follows for this task. False if no worker runs it."""
+        worker = self._running.get(task.job)
+        if worker is None:
+            return False
+        self._kill(worker, reason)
+        return True
+
+    def running(self) -> Iterator[tuple[Task, Worker]]:
+        """The tasks handed to workers, with their workers."""
+        for worker in self._running.values():
+            assert worker.task is not None
+            yield worker.task, worker
+
+    def _take_task(self, worker: Worker) -> Task | None:
+        task, worker.task = worker.task, None
+        if task is not None:
+            del self._running[task.job]
+        return task
 
     def _send(self, worker: Worker, data: bytes) -> None:
         if not worker.pending:
@@ -323,6 +354,8 @@ class WorkerPool:
         if not worker.pending:
             self.loop.remove_writer(worker.job_w)
 
+    # --- what workers say ---------------------------------------------------------------------
+
     def _on_readable(self, worker: Worker) -> None:
         try:
             data = os.read(worker.res_r, 1 << 16)
@@ -333,57 +366,118 @@ class WorkerPool:
         if not data:
             self.loop.remove_reader(worker.res_r)  # EOF: the pidfd tells how it ended
             return
-        worker.unpacker.feed(data)
-        for message in worker.unpacker:
-            self._handle(worker, message)
+        self._feed(worker, data)
 
-    def _handle(self, worker: Worker, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if message.get("gen") != worker.gen or worker.state in (
-            WorkerState.KILLED,
-            WorkerState.DEAD,
-        ):
-            return  # a late word from an incarnation we already gave up on
-        if op == "ready":
-            if worker.exited or worker.state is not WorkerState.BOOTING:
-                return  # died right after (a boot failure), or retired while booting
-            worker.state = WorkerState.IDLE  # BOOTING -> IDLE
-            self.boot_failures = 0
-            if worker is self.standby:
-                return  # waits, booted, until a slot needs it
-            self._check_all_ready()
-            self.idle.append(worker)
-            self.listener.worker_idle(worker)
+    def _feed(self, worker: Worker, data: bytes) -> None:
+        unpacker = worker.unpacker
+        try:
+            unpacker.feed(data)
+        except Exception:  # BufferFull: more than one message's worth, unread
+            self._protocol_fault(worker, f"sent over {self._max_message} bytes in one message")
             return
-        if op == "boot_failed":
-            self.last_boot_error = str(message.get("text", ""))
-            return
+        start = unpacker.tell()
+        while True:
+            try:
+                message = next(unpacker)
+            except StopIteration:
+                return
+            except Exception as err:  # not msgpack: FormatError, StackError, ExtraData, ...
+                self._protocol_fault(worker, f"sent bytes that are not msgpack ({brief(err)})")
+                return
+            end = unpacker.tell()
+            size, start = end - start, end
+            if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
+                return  # a late word from an incarnation we already gave up on
+            try:
+                if size > self._max_message:
+                    raise ProtocolError(f"sent a message of {size} bytes")
+                self._handle(worker, message)
+            except ProtocolError as err:
+                self._protocol_fault(worker, err.text)
+                return
+
+    def _handle(self, worker: Worker, raw: object) -> None:
+        if type(raw) is not dict:
+            raise ProtocolError(f"sent {brief(raw)}, not a map")
+        message = FROM_WORKER.validate(raw)
+        if message["gen"] != worker.gen:
+            raise ProtocolError(f"said it is incarnation {message['gen']}, not {worker.gen}")
+        match message["op"]:
+            case "ready":
+                self._on_ready(worker)
+            case "boot_failed":
+                if worker.state is not WorkerState.BOOTING:
+                    raise ProtocolError("sent boot_failed after booting")
+                self._last_boot_error = message["text"]
+            case "started":
+                task = self._task_of(worker, message["job"])
+                if task.started_at is not None:
+                    raise ProtocolError(f"acknowledged job {message['job']} twice")
+                self.listener.task_started(task)
+            case "done":
+                task = self._finish(worker, message["job"], message.get("leftovers", []))
+                self.listener.task_done(task, message["results"])
+            case "failed":
+                task = self._finish(worker, message["job"], message.get("leftovers", []))
+                self.listener.task_failed(task, message["code"], message["text"], message["stack"])
+
+    def _task_of(self, worker: Worker, job: int) -> Task:
         task = worker.task
-        if task is None or message.get("job") != task.job:
+        if task is None or task.job != job or worker.state is not WorkerState.BUSY:
+            raise ProtocolError(f"spoke of job {job}, which it is not running")
+        return task
+
+    def _on_ready(self, worker: Worker) -> None:
+        if worker.state is not WorkerState.BOOTING:
+            if worker.state is WorkerState.RETIRING:
+                return  # retired while booting (server stopping): it exits on EOF
+            raise ProtocolError("said ready twice")
+        if worker.exited:
+            return  # died right after (a boot failure)
+        worker.state = WorkerState.IDLE  # BOOTING -> IDLE
+        self._boot_failures = 0
+        if worker is self.standby:
+            return  # waits, booted, until a slot needs it
+        self._check_all_ready()
+        self._idle.append(worker)
+        self.listener.capacity_freed()
+
+    def _finish(self, worker: Worker, job: int, leftovers: list[str]) -> Task:
+        """The worker ended its task: back to idle, or retired if it is no longer clean."""
+        task = self._task_of(worker, job)
+        if task.started_at is None:
+            raise ProtocolError(f"ended job {job} before acknowledging it")
+        self._take_task(worker)
+        worker.tasks_done += 1
+        recycle = self.config.max_tasks_per_worker
+        if leftovers:
+            # A child session is a fresh session: a worker that kept a thread, a process or
+            # a changed process setting from one task must not run another session's next.
             log.warning(
-                "worker %d sent %r for job %r it is not running", worker.pid, op, message.get("job")
+                "worker %d retired: task s%d/t%d left behind %s",
+                worker.pid,
+                task.session.id,
+                task.id,
+                "; ".join(leftovers),
             )
-            return
-        if op == "started":
-            self.listener.task_started(worker, task)
-        elif op in ("done", "failed"):
-            worker.task = None
-            worker.tasks_done += 1
+            self.retire(worker)
+        elif recycle and worker.tasks_done >= recycle:
+            log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
+            self.retire(worker)
+        else:
             worker.state = WorkerState.IDLE  # BUSY -> IDLE
-            if op == "done":
-                self.listener.task_done(worker, task, message["results"])
-            else:
-                self.listener.task_failed(
-                    worker, task, message["code"], message["text"], message["stack"]
-                )
-            # The listener may have retired or killed it; a worker whose death is being
-            # processed must not go back to the idle list, or a new task would be lost with it.
-            if worker.state is WorkerState.IDLE and not worker.exited:
-                if self.max_tasks_per_worker and worker.tasks_done >= self.max_tasks_per_worker:
-                    self.retire(worker)
-                else:
-                    self.idle.append(worker)
-                    self.listener.worker_idle(worker)
+            self._idle.append(worker)
+        return task
+
+    def _protocol_fault(self, worker: Worker, what: str) -> None:
+        if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
+            return
+        text = f"worker {worker.pid} broke the pipe protocol: {what}"
+        log.error("%s; killed", text)
+        task = worker.task
+        self._kill(worker, "protocol fault")
+        if task is not None:
+            self.listener.task_lost(task, text, started_elsewhere_ok=False)
 
     def _check_all_ready(self) -> None:
         waiter = self._ready_waiter
@@ -394,9 +488,121 @@ class WorkerPool:
         ):
             waiter.set_result(None)
 
-    # --- ending workers -------------------------------------------------------------------
+    # --- forking and replacing ----------------------------------------------------------------
 
-    def kill(self, worker: Worker, reason: str) -> None:
+    def _spawn(self, slot: int) -> None:
+        """Fork a worker into ``slot``; if the OS refuses (no fds, no memory), retry later."""
+        try:
+            self._fork(slot)
+        except OSError as err:
+            self._fork_failures += 1
+            delay = backoff(self._fork_failures)
+            log.error("cannot start a worker in slot %d: %s; retrying in %.1f s", slot, err, delay)
+            self.loop.call_later(delay, self._respawn_if_empty, slot)
+            return
+        self._fork_failures = 0
+
+    def replace(self, slot: int) -> None:
+        """Refill ``slot``: with the standby at once if it is ready, else by a fork on the next
+        loop turn (so the caller's outcome goes out first)."""
+        if self._stopping:
+            return
+        standby = self.standby
+        if slot == STANDBY:
+            self.loop.call_later(STANDBY_REFILL_DELAY, self._respawn_if_empty, STANDBY)
+        elif standby is not None and standby.state is WorkerState.IDLE and not standby.exited:
+            self.standby = None
+            standby.slot = slot  # standby -> slot
+            self.slots[slot] = standby
+            self._idle.append(standby)
+            self.loop.call_soon(self.listener.capacity_freed)
+            self.loop.call_later(STANDBY_REFILL_DELAY, self._respawn_if_empty, STANDBY)
+        else:
+            self.loop.call_soon(self._respawn_if_empty, slot)
+
+    def _fork(self, slot: int) -> Worker:
+        opened: list[int] = []
+        handler: logging.Handler | None = None
+
+        def discard() -> None:
+            for fd in opened:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if handler is not None:
+                retire_worker_handler(handler)
+
+        try:
+            job_r, job_w = os.pipe()
+            opened += (job_r, job_w)
+            res_r, res_w = os.pipe()
+            opened += (res_r, res_w)
+            os.set_blocking(job_w, False)
+            os.set_blocking(res_r, False)
+            self._gen += 1
+            if self.log_handler_factory is not None:
+                handler = self.log_handler_factory(f"pbt-worker-log-{slot}.{self._gen}")
+            spec = WorkerSpec(
+                slot=slot,
+                gen=self._gen,
+                job_r=job_r,
+                res_w=res_w,
+                close_fds=(job_w, res_r, *self._inherited_fds()),
+                keep_sockets=self.image.keep_sockets,
+                broker_pid=os.getpid(),
+                database=self.database,
+                max_result_bytes=self.max_result_bytes,
+                log_handler=handler,
+                instance=self.instance,
+            )
+            # daemon=True: if the broker ever exits without stopping us, multiprocessing's
+            # atexit terminates workers instead of joining them (a join would wait on our pipes).
+            process = _MP.Process(
+                target=run_worker, args=(spec,), name=f"pbt-worker-{slot}", daemon=True
+            )
+            process.start()
+        except BaseException:
+            discard()
+            raise
+        os.close(job_r)
+        os.close(res_w)
+        opened = [job_w, res_r]
+        pid = process.pid
+        assert pid is not None
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # both sides call it, so killpg works from the first instant
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # unwatchable: never let it run
+            process.join()
+            process.close()
+            discard()
+            raise
+        unpacker = pipe_unpacker(self._max_message + (1 << 16))  # one message, one read more
+        worker = Worker(slot, self._gen, process, pid, job_w, res_r, pidfd, unpacker)
+        worker.log_handler = handler
+        if slot == STANDBY:
+            self.standby = worker
+        else:
+            self.slots[slot] = worker
+        self.loop.add_reader(res_r, self._on_readable, worker)
+        self.loop.add_reader(pidfd, self._on_exit, worker)
+        log.debug("worker %d (slot %d, gen %d) forked", pid, slot, worker.gen)
+        return worker
+
+    def _inherited_fds(self) -> list[int]:
+        """Every fd a new worker must not hold: the other workers' pipes, pidfds, sentinels
+        and log queues (holding a dead worker's queue open would keep its reader waiting)."""
+        fds: list[int] = list(self.private_fds())
+        for worker in self.workers():
+            fds += (worker.job_w, worker.res_r, worker.pidfd, worker.process.sentinel)
+            if worker.log_handler is not None:
+                fds += queue_fds(worker.log_handler)
+        return [fd for fd in fds if fd >= 0]
+
+    # --- ending workers -----------------------------------------------------------------------
+
+    def _kill(self, worker: Worker, reason: str) -> None:
         """SIGKILL the worker's whole tree now and put a fresh worker in its slot."""
         if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
             return
@@ -409,9 +615,8 @@ class WorkerPool:
             self.replace(worker.slot)
 
     def retire(self, worker: Worker) -> None:
-        """Let an idle worker exit cleanly (its logs flush) and replace it."""
+        """Let a worker exit cleanly (its logs flush) and replace it."""
         self._detach(worker, WorkerState.RETIRING)
-        log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
         # Whatever keeps a retired worker from exiting (a codeunit's stuck finalizer, say),
         # it does not get to run on: it has a deadline.
         self.loop.call_later(RETIRE_GRACE, self._kill_if_retiring, worker)
@@ -419,21 +624,19 @@ class WorkerPool:
 
     def _kill_if_retiring(self, worker: Worker) -> None:
         if worker.state is WorkerState.RETIRING and not worker.exited:
-            self.kill(worker, f"retired, but still running after {RETIRE_GRACE:.0f} s")
+            self._kill(worker, f"retired, but still running after {RETIRE_GRACE:.0f} s")
 
     def _detach(self, worker: Worker, state: WorkerState) -> None:
-        """Take the worker out of its slot; it lives on in ``others`` until reaped."""
-        worker.state = state  # * -> KILLED | RETIRING
-        if worker.timer is not None:
-            worker.timer.cancel()
-            worker.timer = None
+        """Take the worker out of its slot; it lives on in ``_others`` until reaped."""
+        worker.state = state  # * -> KILLED | RETIRING | DEAD
+        self._take_task(worker)
         with contextlib.suppress(ValueError):
-            self.idle.remove(worker)
+            self._idle.remove(worker)
         if worker is self.standby:
             self.standby = None
         elif self.slots[worker.slot] is worker:
             self.slots[worker.slot] = None
-        self.others.add(worker)
+        self._others.add(worker)
         self._close_job_pipe(worker)
 
     def _close_job_pipe(self, worker: Worker) -> None:
@@ -447,10 +650,10 @@ class WorkerPool:
     def _on_exit(self, worker: Worker) -> None:
         """The pidfd says the worker's process has ended: reap it and find out how."""
         worker.exited = True
-        self._on_readable_until_eof(worker)  # a result written just before death still counts
+        self._read_until_eof(worker)  # a result written just before death still counts
         self.loop.remove_reader(worker.pidfd)
         os.close(worker.pidfd)
-        # Reap through multiprocessing (one reaper per child, §3.2). Not join(0): that waits on
+        # Reap through multiprocessing (one reaper per child). Not join(0): that waits on
         # the sentinel pipe, which a forked grandchild may still hold; the pidfd already said
         # the process ended, so this waitpid returns at once.
         worker.process.join()
@@ -462,12 +665,12 @@ class WorkerPool:
         if worker.log_handler is not None:
             retire_worker_handler(worker.log_handler)
         previous = worker.state
+        task = worker.task
         self._detach(worker, WorkerState.DEAD)
-        self.others.discard(worker)
-        worker.state = WorkerState.DEAD  # * -> DEAD
+        self._others.discard(worker)
         self._reaped.set()
         self._reap_orphans_later()  # what the worker started is ours now (subreaper)
-        if previous in (WorkerState.KILLED, WorkerState.RETIRING) or self.stopping:
+        if previous in (WorkerState.KILLED, WorkerState.RETIRING) or self._stopping:
             return
         how = describe_exit(code)
         if previous is WorkerState.BOOTING:
@@ -475,11 +678,11 @@ class WorkerPool:
             return
         log.error("worker %d died: %s", worker.pid, how)
         self.replace(worker.slot)
-        if worker.task is not None:
-            task, worker.task = worker.task, None
-            self.listener.worker_crashed(worker, task, how)
+        if task is not None:
+            text = f"the child session's worker process {worker.pid} {how}"
+            self.listener.task_lost(task, text, started_elsewhere_ok=True)
 
-    def _on_readable_until_eof(self, worker: Worker) -> None:
+    def _read_until_eof(self, worker: Worker) -> None:
         while worker.state not in (WorkerState.DEAD, WorkerState.KILLED):
             try:
                 data = os.read(worker.res_r, 1 << 16)
@@ -487,33 +690,31 @@ class WorkerPool:
                 return
             if not data:
                 return
-            worker.unpacker.feed(data)
-            for message in worker.unpacker:
-                self._handle(worker, message)
+            self._feed(worker, data)
 
     def _boot_failed(self, worker: Worker, code: int | None, how: str) -> None:
-        reason = self.last_boot_error or how
+        reason = self._last_boot_error or how
         if code != EXIT_BOOT_FAILURE:
-            reason = f"{reason} ({how})" if self.last_boot_error else how
-        self.boot_failures += 1
+            reason = f"{reason} ({how})" if self._last_boot_error else how
+        self._boot_failures += 1
         waiter = self._ready_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(RuntimeError(f"worker failed to boot: {reason}"))
+            waiter.set_exception(BootFailed(f"worker failed to boot: {reason}"))
             return
-        if self.boot_failures >= BOOT_RETRY_LIMIT:
+        if self._boot_failures >= BOOT_RETRY_LIMIT:
             self.listener.pool_broken(
-                f"{self.boot_failures} workers in a row failed to boot; last: {reason}"
+                f"{self._boot_failures} workers in a row failed to boot; last: {reason}"
             )
             return
-        delay = min(0.1 * 2**self.boot_failures, BOOT_BACKOFF_MAX)
+        delay = backoff(self._boot_failures)
         log.error("worker failed to boot (%s); retrying in %.1f s", reason, delay)
         self.loop.call_later(delay, self._respawn_if_empty, worker.slot)
 
     def _respawn_if_empty(self, slot: int) -> None:
-        if self.stopping:
+        if self._stopping:
             return
         if (self.standby if slot == STANDBY else self.slots[slot]) is None:
-            self.spawn(slot)
+            self._spawn(slot)
 
     def _reap_orphans_later(self) -> None:
         def reap(attempt: int) -> None:
@@ -526,43 +727,10 @@ class WorkerPool:
         """Every few seconds: kill what escaped a live worker's tree (a ``setsid`` daemon
         reparents to us as soon as its own parent exits, long before the worker dies)."""
         proctree.reap_orphans(self.pids())
-        if not self.stopping:
+        if not self._stopping:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
-    async def stop(self, grace: float) -> None:
-        """Stop every worker: idle ones exit on EOF (``grace`` seconds); busy ones are killed."""
-        self.stopping = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for worker in self.workers():
-            if worker.state is WorkerState.BUSY:
-                self.kill(worker, "server stopping")
-            elif worker.state in (WorkerState.IDLE, WorkerState.BOOTING):
-                self._detach(worker, WorkerState.RETIRING)
-        try:
-            async with asyncio.timeout(grace):
-                await self._all_reaped()
-        except TimeoutError:
-            for worker in list(self.others):
-                self.kill(worker, f"did not exit within {grace:.0f} s")
-            await self._all_reaped()
-        proctree.reap_orphans(set())
-
     async def _all_reaped(self) -> None:
-        while self.others:
+        while self._others:
             self._reaped.clear()
             await self._reaped.wait()
-
-
-def describe_exit(code: int | None) -> str:
-    """Say how a worker ended: ``exit code 3`` or ``signal SIGSEGV``."""
-    if code is None:
-        return "unknown exit status"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (possibly out of memory)" if -code == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    return f"exited with code {code}"

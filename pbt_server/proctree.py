@@ -1,4 +1,4 @@
-"""Killing a worker and everything it started (package-notes §3.2, §3.3).
+"""Killing a worker and everything it started; what a worker inherits of the broker's fds.
 
 A worker runs in its own process group, so ``killpg`` (one atomic syscall) takes the worker
 and every descendant that stayed in the group, including ones forked while we look. A psutil
@@ -14,7 +14,9 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
+import stat
 
 import psutil
 
@@ -35,8 +37,8 @@ def become_subreaper() -> bool:
 def children(pid: int) -> list[int]:
     """Direct children of ``pid``, from ``/proc/<pid>/task/*/children`` (~20 µs).
 
-    psutil's ``children()`` scans all of /proc (~2 ms, package-notes §3.1); this is cheap
-    enough for the event loop. Falls back to psutil where the kernel lacks the file.
+    psutil's ``children()`` scans all of /proc (~2 ms); this is cheap enough for the event
+    loop. Falls back to psutil where the kernel lacks the file.
     """
     found: list[int] = []
     try:
@@ -65,7 +67,7 @@ def kill_tree(pid: int, pidfd: int) -> list[int]:
     Returns the descendants' pids. The worker is signalled through its pidfd, which names
     that very process even if multiprocessing reaped it behind our back (``Process.start``
     polls every child); only while it is unreaped do we also trust its pid as a group id
-    (a pid held by a zombie or a live group cannot be reused, notes §3.3). The caller reaps
+    (a pid held by a zombie or a live group cannot be reused). The caller reaps
     the worker; descendants reparent to us (subreaper) and :func:`reap_orphans` reaps them.
     """
     descendants: list[psutil.Process] = []
@@ -100,10 +102,77 @@ def reap_orphans(workers: set[int]) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         try:
-            # Only this pid: waitpid(-1) would steal the exit status of a worker (notes §3.2).
+            # Only this pid: waitpid(-1) would steal the exit status of a worker, which
+            # multiprocessing must reap itself (one reaper per child).
             reaped, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             continue
         if reaped == 0:
             left += 1
     return left
+
+
+def socket_fds() -> set[int]:
+    """The fds of this process that are sockets."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                found.add(fd)
+        except OSError:
+            continue
+    return found
+
+
+def describe_exit(code: int | None) -> str:
+    """Say how a process ended: ``exited with code 3`` or ``killed by SIGSEGV``."""
+    if code is None:
+        return "unknown exit status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (possibly out of memory)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+def kill_leftovers(variable: str, prefix: str) -> list[int]:
+    """Kill every process of ours whose environment has ``variable`` starting with
+    ``prefix``; return their pids.
+
+    Workers die with a SIGKILLed broker (their death signal), but what their codeunits
+    started is reparented to init and would run on. Every worker marks its environment with
+    the broker's identity, and so does everything it starts that keeps the environment; the
+    next start of the same server (the same pid file, whose lock it now holds, so no live
+    server can own them) finds and kills them. Processes of other users cannot be read and
+    are never touched.
+    """
+    me = os.getpid()
+    needle = f"{variable}={prefix}".encode()
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+            # Still alive after the read: the environment was that process's own (a live
+            # process's pid cannot have been reused), and the pidfd signals only it.
+            if not select.select([pidfd], [], [], 0)[0] and any(
+                entry.startswith(needle) for entry in environ.split(b"\0")
+            ):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                found.append(pid)
+        except OSError:
+            pass
+        finally:
+            os.close(pidfd)
+    return found

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from pbt_server import __version__
-from pbt_server.pool import Worker, WorkerState
 from pbt_server.sessions import Session, TaskState
+
+if TYPE_CHECKING:
+    from pbt_server.pool import Worker, WorkerPool
 
 
 def status_report(
     *,
     sessions: Iterable[Session],
-    slots: Sequence[Worker | None],
-    standby: Worker | None,
+    pool: WorkerPool,
     uptime: float,
     socket_path: str,
     tcp: str | None,
 ) -> dict[str, object]:
     """The answer to a ``status`` request (see the protocol docstring)."""
-    workers = [_worker_status(slot, worker) for slot, worker in enumerate(slots)]
-    if standby is not None:
-        workers.append(_worker_status("standby", standby))
+    workers = [_worker_status(slot, worker) for slot, worker in enumerate(pool.slots)]
+    if pool.standby is not None:
+        workers.append(_worker_status("standby", pool.standby))
     return {
         "server": {
             "pid": os.getpid(),
@@ -33,7 +35,13 @@ def status_report(
             "tcp": tcp,
         },
         "sessions": [
-            {"id": s.id, "pages": len(s.pages), "waiting": s.waiting, "running": s.running}
+            {
+                "id": s.id,
+                "pages": len(s.pages),
+                "waiting": s.waiting,
+                "running": s.running,
+                "context": dict(s.context),
+            }
             for s in sessions
         ],
         "workers": workers,
@@ -51,7 +59,7 @@ def _worker_status(slot: int | str, worker: Worker | None) -> dict[str, object]:
         "slot": slot,
         "pid": worker.pid,
         "state": state,
-        "rss": worker.rss() if worker.state is not WorkerState.BOOTING else 0,
+        "rss": worker.rss() if state != "booting" else 0,
         "tasks_done": worker.tasks_done,
         "task": f"s{task.session.id}/t{task.id}" if task else None,
     }

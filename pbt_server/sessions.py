@@ -3,7 +3,7 @@
 No processes, sockets or timers here (pebble's rule: bookkeeping apart from effects), so
 every decision is testable with plain objects and an injected clock.
 
-Scheduling (SPEC §3, bc-pbt-semantics §2.5, §9 #2-#4):
+Scheduling:
 
 - a session runs at most ``max_concurrency`` tasks at once; the rest wait FIFO;
 - ``max_queue_length`` counts *waiting* tasks only; one more fails with QueueFull;
@@ -31,19 +31,19 @@ from collections import deque
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
+from pbt_server.budget import Budget, map_size
+from pbt_server.config import AsyncProcessingSection
 from pbt_server.errors import (
-    CANCELED_BY_ID,
-    CANCELED_PAGE_CLOSED,
-    CANCELED_RECORD_CHANGED,
-    CANCELED_SESSION_CLOSED,
+    CancelReason,
     InvalidParameters,
+    MemoryBudgetExceeded,
     PageClosed,
     PageNotFound,
     QueueFull,
     TooManyPages,
     UnknownCodeunit,
 )
-from pbt_server.protocol import MAX_PARAMETERS
+from pbt_server.protocol import MAX_PARAMETERS, ErrorLevel
 
 
 class TaskState(enum.Enum):
@@ -61,7 +61,7 @@ class TaskState(enum.Enum):
 
 _ACTIVE = frozenset({TaskState.WAITING, TaskState.STARTING, TaskState.RUNNING})
 MAX_PAGES = 1024  # open pages per session: a real client has a few dozen; memory is bounded
-ERROR_LEVELS = frozenset({"Ignore", "Warning", "Error"})
+_LEVELS = frozenset(ErrorLevel)
 
 
 @dataclass(eq=False, slots=True)
@@ -77,6 +77,7 @@ class Task:
     record: str
     enqueued_at: float
     state: TaskState = TaskState.WAITING
+    size: int = 0  # its share of the memory budget while it is active
     started_at: float | None = None
     cancel_reason: str = ""
     requeued: bool = False  # put back once after its worker died before starting it
@@ -97,6 +98,7 @@ class Page:
 @dataclass(eq=False, slots=True)
 class Session:
     id: int
+    context: dict[str, str] = field(default_factory=dict)  # copied into every task's ctx
     pages: dict[int, Page] = field(default_factory=dict)
     tasks: dict[int, Task] = field(default_factory=dict)  # active tasks only
     queue: deque[Task] = field(
@@ -115,20 +117,16 @@ class Scheduler:
 
     def __init__(
         self,
-        *,
-        max_concurrency: int,
-        max_queue_length: int,
-        default_timeout_ms: int,
-        max_timeout_ms: int,
+        limits: AsyncProcessingSection,
         codeunits: Container[int],
+        *,
         clock: Callable[[], float] = time.monotonic,
+        budget: Budget | None = None,
     ) -> None:
-        self.max_concurrency = max_concurrency
-        self.max_queue_length = max_queue_length
-        self.default_timeout_ms = default_timeout_ms
-        self.max_timeout_ms = max_timeout_ms
+        self.limits = limits
         self.codeunits = codeunits
         self.clock = clock
+        self.budget = budget
         self.sessions: dict[int, Session] = {}
         self._ready: deque[Session] = deque()  # sessions with a task running
         self._fresh: deque[Session] = deque()  # sessions with none: they go first
@@ -137,17 +135,17 @@ class Scheduler:
 
     # --- sessions and pages ---------------------------------------------------------------
 
-    def open_session(self) -> Session:
+    def open_session(self, context: dict[str, str] | None = None) -> Session:
         self._last_session_id += 1
-        session = Session(self._last_session_id)
+        session = Session(self._last_session_id, dict(context or {}))
         self.sessions[session.id] = session
         return session
 
     def close_session(self, session: Session) -> list[Task]:
-        """End the session; return its active tasks, now cancelled (bc-pbt §9 #19)."""
+        """End the session; return its active tasks, now cancelled."""
         session.closed = True
         self.sessions.pop(session.id, None)
-        cancelled = self._cancel_all(list(session.tasks.values()), CANCELED_SESSION_CLOSED)
+        cancelled = self._cancel_all(list(session.tasks.values()), CancelReason.SESSION_CLOSED)
         session.queue.clear()
         for page in session.pages.values():
             page.closed = True
@@ -168,7 +166,7 @@ class Scheduler:
             raise PageClosed(f"page {page_id} is closed")
         page.record = record
         stale = [task for task in page.tasks.values() if task.record != record]
-        return self._cancel_all(stale, CANCELED_RECORD_CHANGED)
+        return self._cancel_all(stale, CancelReason.RECORD_CHANGED)
 
     def close_page(self, session: Session, page_id: int) -> list[Task]:
         page = self._page(session, page_id)
@@ -176,7 +174,7 @@ class Scheduler:
             return []
         page.closed = True
         del session.pages[page_id]
-        return self._cancel_all(list(page.tasks.values()), CANCELED_PAGE_CLOSED)
+        return self._cancel_all(list(page.tasks.values()), CancelReason.PAGE_CLOSED)
 
     def _page(self, session: Session, page_id: int) -> Page:
         page = session.pages.get(page_id)
@@ -189,10 +187,10 @@ class Scheduler:
     # --- tasks ----------------------------------------------------------------------------
 
     def effective_timeout(self, timeout_ms: int | None) -> int:
-        """None or <= 0 -> the default; above the maximum -> the maximum (bc-pbt §9 #4)."""
+        """None or <= 0 -> the default; above the maximum -> the maximum."""
         if timeout_ms is None or timeout_ms <= 0:
-            return self.default_timeout_ms
-        return min(timeout_ms, self.max_timeout_ms)
+            return self.limits.default_timeout_ms
+        return min(timeout_ms, self.limits.max_timeout_ms)
 
     def enqueue(
         self,
@@ -203,21 +201,26 @@ class Scheduler:
         timeout_ms: int | None,
         level: str,
     ) -> Task:
-        """Accept a task, or raise the EnqueueError that says why not (SPEC §3)."""
+        """Accept a task, or raise the EnqueueError that says why not."""
         page = self._page(session, page_id)
         if page.closed:
             raise PageClosed(f"page {page_id} is closed")
         if codeunit not in self.codeunits:
             raise UnknownCodeunit(f"codeunit {codeunit} is not registered")
         checked = _check_parameters(parameters)
-        if level not in ERROR_LEVELS:
-            raise InvalidParameters(
-                f"error level {level!r:.40} is not one of {sorted(ERROR_LEVELS)}"
-            )
-        if session.waiting >= self.max_queue_length:
+        if level not in _LEVELS:
+            raise InvalidParameters(f"error level {level!r:.40} is not one of {sorted(_LEVELS)}")
+        limit = self.limits.max_queue_length
+        if session.waiting >= limit:
             raise QueueFull(
                 f"session {session.id} already has {session.waiting} tasks waiting "
-                f"(ChildSessionsMaxQueueLength = {self.max_queue_length})"
+                f"(ChildSessionsMaxQueueLength = {limit})"
+            )
+        size = map_size(checked)
+        if self.budget is not None and not self.budget.take(size):
+            raise MemoryBudgetExceeded(
+                f"the server's memory budget for waiting work is spent ({self.budget.used} of"
+                f" {self.budget.limit} bytes, MaxBufferedMB); try again when tasks have ended"
             )
         session.last_task_id += 1
         self._last_job += 1
@@ -232,6 +235,7 @@ class Scheduler:
             level=level,
             record=page.record,
             enqueued_at=self.clock(),
+            size=size,
         )
         session.tasks[task.id] = task
         page.tasks[task.id] = task
@@ -245,7 +249,7 @@ class Scheduler:
         task = session.tasks.get(task_id)
         if task is None:
             return None
-        self._cancel(task, CANCELED_BY_ID)
+        self._cancel(task, CancelReason.CANCELED)
         return task
 
     def next_task(self) -> Task | None:
@@ -269,14 +273,15 @@ class Scheduler:
         task.state = TaskState.RUNNING  # STARTING -> RUNNING
         task.started_at = self.clock()
 
-    def requeue(self, task: Task) -> None:
-        """Put a task whose worker died before acknowledging it back at the head of its queue.
+    def worker_lost(self, task: Task) -> bool:
+        """The worker a task was handed to died (or was killed for not starting it).
 
-        The codeunit never started (the worker says ``started`` before running it), so running
-        it on another worker is safe. Only once: a second time, the caller fails the task.
+        A task that had not started (the worker says ``started`` before running the
+        codeunit) goes back to the head of its queue to run elsewhere — once; True. A task
+        that had started, or was put back before, is the caller's to fail; False.
         """
-        assert task.state is TaskState.STARTING, task
-        assert not task.requeued, task
+        if task.state is not TaskState.STARTING or task.requeued:
+            return False
         task.state = TaskState.WAITING  # STARTING -> WAITING
         task.requeued = True
         session = task.session
@@ -284,6 +289,7 @@ class Scheduler:
         session.waiting += 1
         session.queue.appendleft(task)
         self._mark_ready(session)
+        return True
 
     def finish(self, task: Task, state: TaskState) -> None:
         """The task ended in the worker (COMPLETED) or failed (FAILED: error, timeout, crash)."""
@@ -321,6 +327,8 @@ class Scheduler:
     def _forget(self, task: Task) -> None:
         del task.session.tasks[task.id]
         del task.page.tasks[task.id]
+        if self.budget is not None:
+            self.budget.give(task.size)
 
     def _pop_waiting(self, session: Session) -> Task | None:
         queue = session.queue
@@ -335,7 +343,7 @@ class Scheduler:
             not session.in_ready
             and not session.closed
             and session.waiting > 0
-            and session.running < self.max_concurrency
+            and session.running < self.limits.max_concurrency
         ):
             session.in_ready = True
             (self._ready if session.running else self._fresh).append(session)

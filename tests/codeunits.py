@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from typing import Any
 
@@ -178,13 +177,15 @@ def log_spin(ctx: ChildSession) -> dict[str, str]:
 
 @codeunit(DIE_AFTER_RETURN, name="DieAfterReturn")
 def die_after_return(ctx: ChildSession) -> dict[str, str]:
-    """Return a result, and have the worker die right after it was sent."""
+    """Return a result, and have the worker die right after it was sent.
 
-    def die() -> None:
-        time.sleep(float(ctx.parameters.get("delay", "0")))
-        os._exit(9)
-
-    threading.Thread(target=die, daemon=True).start()
+    The killer is a process that left the worker's tree (a backgrounded shell command), so
+    the worker sees nothing left behind and takes its next task: the death then races it.
+    """
+    delay = float(ctx.parameters.get("delay", "0.001"))
+    subprocess.run(
+        ["sh", "-c", f"(sleep {delay}; kill -9 {os.getpid()}) >/dev/null 2>&1 &"], check=True
+    )
     return {"pid": str(os.getpid())}
 
 

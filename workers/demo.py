@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from workers import ChildSession, codeunit
+from pbt_server import ChildSession, codeunit
 
 BLOCKED_CUSTOMERS = 50101
 WAIT = 50100

@@ -2,10 +2,10 @@
 
 Forked by the broker's pool (``multiprocessing`` fork context). Lifecycle::
 
-    prologue (signals, fds, die-with-broker, own process group)
+    prologue (signals, fds, die-with-broker, own process group, child-session marker)
     open the database read-only  --fails-->  "boot_failed" + exit EXIT_BOOT_FAILURE
-    "ready"
-    loop: read "run" -> "started" -> codeunit(ctx) -> "done" | "failed"
+    take the process baseline; "ready"
+    loop: read "run" -> "started" -> codeunit(ctx) -> check leftovers -> "done" | "failed"
     EOF on the job pipe (the broker closed it) -> return normally, so log records flush
 """
 
@@ -16,22 +16,25 @@ import ctypes
 import logging
 import os
 import signal
-import stat
 import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
-from pbt_server.errors import TASK_INVALID_RESULT, CodeunitError
-from pbt_server.protocol import pack, pipe_unpacker
-from workers.context import ChildSession
-from workers.database import DatabaseUnavailable, open_database, write_denied_code
-from workers.registry import lookup
+from pbt_server.codeunits import CHILD_SESSION_VARIABLE, ChildSession, lookup
+from pbt_server.config import DatabaseSection
+from pbt_server.errors import ChildSessionCode, CodeunitError, UnknownCodeunit
+from pbt_server.proctree import socket_fds
+from pbt_server.protocol import MAX_TEXT, Run, pack, pipe_unpacker
+from workers.cleanliness import Baseline
+from workers.database import DatabaseUnavailable, error_code, open_database
+from workers.dbapi import Database
 
-EXIT_BOOT_FAILURE = 3  # reserved: the pool stops respawning instead of looping (gunicorn's rule)
-_PR_SET_PDEATHSIG = 1
+EXIT_BOOT_FAILURE: Final = 3  # reserved: the pool stops respawning instead of looping
+_PR_SET_PDEATHSIG: Final = 1
+_CODE_LIMIT: Final = 200  # characters of an error code a codeunit sets itself
 
 log = logging.getLogger("pbt_server.worker")
 
@@ -47,32 +50,35 @@ class WorkerSpec:
     close_fds: tuple[int, ...]
     keep_sockets: frozenset[int]  # open before the broker started serving: codeunit modules'
     broker_pid: int
-    database_url: str
+    database: DatabaseSection
     max_result_bytes: int
     log_handler: logging.Handler | None  # multiprocessing-logging's handler, built by the broker
+    instance: str = ""  # names this broker run; processes below a worker carry it
 
 
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a forked worker process."""
     _prologue(spec)
     try:
-        db = open_database(spec.database_url)
+        db = open_database(spec.database)
     except DatabaseUnavailable as err:
         _write(spec.res_w, {"op": "boot_failed", "gen": spec.gen, "text": str(err)})
         os._exit(EXIT_BOOT_FAILURE)
+    baseline = _watch_forks(spec)
+    baseline.take()
     _write(spec.res_w, {"op": "ready", "gen": spec.gen, "pid": os.getpid()})
     unpacker = pipe_unpacker()
     while data := os.read(spec.job_r, 1 << 16):
         unpacker.feed(data)
         for message in unpacker:
-            _run_job(spec, db, message)
+            _run_job(spec, db, baseline, message)
     # EOF: the broker retired us or is stopping. Returning (not os._exit) lets
     # multiprocessing join the logging queue's feeder thread, so our records arrive.
 
 
 def _prologue(spec: WorkerSpec) -> None:
     # The broker's asyncio loop installed handlers and a wakeup fd; inherited, they would make
-    # a SIGTERM sent to this worker run the broker's handler (cpython #94454, package-notes §2).
+    # a SIGTERM sent to this worker run the broker's handler (cpython #94454).
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the broker; it stops us
@@ -90,6 +96,39 @@ def _prologue(spec: WorkerSpec) -> None:
     # broker already moved us (it calls setpgid too, to close the race).
     with contextlib.suppress(PermissionError):
         os.setpgid(0, 0)
+    # Marks this process and everything a codeunit starts as a child session: the client
+    # refuses to connect from here, and the next start finds what a killed broker left.
+    os.environ[CHILD_SESSION_VARIABLE] = spec.instance or str(spec.broker_pid)
+
+
+def _watch_forks(spec: WorkerSpec) -> Baseline:
+    """Make a forked copy of this worker harmless, and remember that a task forked.
+
+    A process forked from a worker (``os.fork``, a double-forked daemon) would otherwise hold
+    the job and result pipes: it could read another session's jobs and answer them. Its
+    first act is to close them. Programs started with ``subprocess`` never get them: the
+    pipes are close-on-exec.
+    """
+    handler = spec.log_handler
+    feeder = getattr(getattr(handler, "queue", None), "_thread", None)
+
+    def ignore(thread: object) -> bool:
+        # multiprocessing-logging's queue starts its feeder thread on the first record.
+        queue = getattr(handler, "queue", None)
+        return thread is feeder or thread is getattr(queue, "_thread", None)
+
+    baseline = Baseline(ignore_thread=ignore)
+
+    def in_child() -> None:
+        for fd in (spec.job_r, spec.res_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def in_parent() -> None:
+        baseline.forked = True
+
+    os.register_at_fork(after_in_child=in_child, after_in_parent=in_parent)
+    return baseline
 
 
 def _close_inherited(fds: tuple[int, ...], keep_sockets: frozenset[int]) -> None:
@@ -103,134 +142,120 @@ def _close_inherited(fds: tuple[int, ...], keep_sockets: frozenset[int]) -> None
         _close(fd)
 
 
-def socket_fds() -> set[int]:
-    """The fds of this process that are sockets."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                found.add(fd)
-        except OSError:
-            continue
-    return found
-
-
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
 
 
-def _run_job(spec: WorkerSpec, db: Any, message: Mapping[str, Any]) -> None:
-    job = message["job"]
-    _write(spec.res_w, {"op": "started", "gen": spec.gen, "job": job})
+def _run_job(spec: WorkerSpec, db: Database, baseline: Baseline, job: Run) -> None:
+    _write(spec.res_w, {"op": "started", "gen": spec.gen, "job": job["job"]})
     ctx = ChildSession(
-        parameters=MappingProxyType(dict(message["parameters"])),
+        parameters=MappingProxyType(dict(job["parameters"])),
         db=db,
-        task_id=message["task"],
-        session_id=message["session"],
-        record_id=message["record"],
-        codeunit_id=message["codeunit"],
-        deadline=time.monotonic() + message["timeout"] / 1000,
-        log=logging.getLogger(f"codeunit.{message['codeunit']}"),
+        task_id=job["task"],
+        session_id=job["session"],
+        record_id=job["record"],
+        codeunit_id=job["codeunit"],
+        deadline=time.monotonic() + job["timeout"] / 1000,
+        log=logging.getLogger(f"codeunit.{job['codeunit']}"),
+        context=MappingProxyType(dict(job["context"])),
     )
     reply = _call_codeunit(ctx)
+    leftovers = baseline.leftovers()
+    if leftovers:
+        reply["leftovers"] = leftovers
     reply["gen"] = spec.gen
-    reply["job"] = job
-    data = pack(reply)
-    if len(data) > spec.max_result_bytes:
-        reply = _failure(
-            TASK_INVALID_RESULT,
-            f"result is {len(data)} bytes packed; the limit is {spec.max_result_bytes} bytes",
-            "",
-        )
-        reply["gen"] = spec.gen
-        reply["job"] = job
-        data = pack(reply)
-    _write_bytes(spec.res_w, data)
-    _reap_children()
+    reply["job"] = job["job"]
+    _write_bytes(spec.res_w, _packed(reply, spec.max_result_bytes))
 
 
 def _call_codeunit(ctx: ChildSession) -> dict[str, Any]:
     entry = lookup(ctx.codeunit_id)
     if entry is None:  # the broker checks at enqueue; this is a registry out of step
-        return _failure("UnknownCodeunit", f"codeunit {ctx.codeunit_id} is not registered", "")
+        return _failure(UnknownCodeunit.code, f"codeunit {ctx.codeunit_id} is not registered", "")
     try:
         results = entry.function(ctx)
     except BaseException as exc:
         stack = traceback.format_exc()
         if isinstance(exc, CodeunitError):
-            return _failure(exc.code, exc.text, stack)
-        code = write_denied_code(exc) or type(exc).__name__
-        return _failure(code, str(exc), stack)
+            code = exc.code if type(exc.code) is str else type(exc).__name__
+            return _failure(code[:_CODE_LIMIT], str(exc.text), stack)
+        return _failure(error_code(exc) or type(exc).__name__, str(exc), stack)
     finally:
-        _rollback(ctx.db)
-    return _validate_results(results)
+        _end_task(ctx.db)
+    return _checked_results(results)
 
 
-def _validate_results(results: object) -> dict[str, Any]:
+def _checked_results(results: object) -> dict[str, Any]:
     if results is None:
-        results = {}
+        return _done({})
     if not isinstance(results, Mapping):
-        return _failure(
-            TASK_INVALID_RESULT,
-            f"codeunit returned {type(results).__name__}; expected dict[str, str] or None",
-            "",
-        )
-    for key, value in results.items():
+        return _invalid(f"codeunit returned {type(results).__name__}; expected dict[str, str]")
+    try:
+        # Check the copy that will be sent: a Mapping (or a dict subclass) may answer
+        # items() differently from what a copy of it holds.
+        copy = dict(results)
+    except Exception as err:
+        return _invalid(f"codeunit returned a mapping that cannot be read: {err!r:.200}")
+    for key, value in copy.items():
         if type(key) is not str or type(value) is not str:
-            return _failure(
-                TASK_INVALID_RESULT,
-                f"result entry {key!r:.60}: {type(value).__name__:.40} is not str -> str",
-                "",
+            return _invalid(
+                f"result entry {key!r:.60}: {type(value).__name__:.40} is not str -> str"
             )
-    return {"op": "done", "results": dict(results)}
+    return _done(copy)
+
+
+# A task's reply: a Done or TaskFailure message, given its gen and job just before packing.
+def _done(results: dict[str, str]) -> dict[str, Any]:
+    return {"op": "done", "results": results}
 
 
 def _failure(code: str, text: str, stack: str) -> dict[str, Any]:
-    return {"op": "failed", "code": code, "text": text, "stack": stack}
+    return {"op": "failed", "code": code[:MAX_TEXT], "text": text, "stack": stack}
 
 
-def _rollback(db: Any) -> None:
+def _invalid(text: str) -> dict[str, Any]:
+    return _failure(ChildSessionCode.INVALID_RESULT, text, "")
+
+
+def _packed(reply: dict[str, Any], limit: int) -> bytes:
+    """The reply packed, within ``limit`` bytes, whatever the codeunit returned or raised."""
+    try:
+        data = pack(reply)
+    except (ValueError, TypeError, OverflowError) as err:  # e.g. a lone surrogate in a str
+        if reply["op"] == "done":
+            data = pack(_reframe(reply, _invalid(f"result cannot be packed: {err}")))
+        else:
+            failure = _failure(_safe(reply["code"]), _safe(reply["text"]), _safe(reply["stack"]))
+            data = pack(_reframe(reply, failure))
+    if len(data) <= limit:
+        return data
+    if reply["op"] == "done":
+        text = f"result is {len(data)} bytes packed; the limit is {limit} bytes"
+        return pack(_reframe(reply, _invalid(text)))
+    # An error too large to send: keep its code, trim its text and stack to fit.
+    room = max(limit // 2 - 512, 64)
+    trimmed = _failure(reply["code"], _safe(reply["text"])[:room], _safe(reply["stack"])[-room:])
+    return pack(_reframe(reply, trimmed))
+
+
+def _reframe(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for name in ("gen", "job", "leftovers"):
+        if name in old:
+            new[name] = old[name]
+    return new
+
+
+def _safe(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _end_task(db: Database) -> None:
     # Each task runs in its own read transaction; never let one leak into the next.
     try:
-        if db.in_transaction:
-            db.rollback()
+        db.end_task()
     except Exception:
-        log.debug("rollback after task failed", exc_info=True)
-
-
-def _reap_children() -> None:
-    """Kill what a codeunit left running: a finished child session leaves nothing behind."""
-    try:
-        # ~1 µs, against ~30 µs for the /proc scan below: ECHILD means no child at all.
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return
-    try:
-        tasks = os.listdir("/proc/self/task")
-        children = [
-            pid for tid in tasks for pid in _read_children(f"/proc/self/task/{tid}/children")
-        ]
-    except OSError:
-        return
-    if not children:
-        return
-    import psutil  # only on this rare path
-
-    me = psutil.Process()
-    for proc in me.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(me.children(), timeout=1)
-
-
-def _read_children(path: str) -> list[int]:
-    try:
-        with open(path) as f:
-            return [int(pid) for pid in f.read().split()]
-    except OSError:
-        return []
+        log.debug("ending the task's database reads failed", exc_info=True)
 
 
 def _write(fd: int, message: Mapping[str, Any]) -> None:

@@ -23,6 +23,9 @@ test_database.py`` against a real server.
    parameters; psycopg would otherwise use the simple protocol, which runs
    ``SELECT 1; COMMIT; …``. A worker checks this at boot and refuses to start if it does not
    hold. ``COMMIT`` inside ``DO`` or ``CALL`` fails: the transaction block is ours.
+   The transaction is ``REPEATABLE READ READ ONLY`` by default (``[Database] Isolation``), so
+   every statement of a task sees the same snapshot; ``Serializable`` gives ``SERIALIZABLE
+   READ ONLY DEFERRABLE`` (not on a hot standby), ``ReadCommitted`` a snapshot per statement.
 4. **After every task the worker rolls back** (``ROLLBACK; SELECT pg_advisory_unlock_all()``):
    ``SET``/``set_config`` changes are undone, anything PostgreSQL let through in a read-only
    transaction (e.g. ``lo_create``) never commits, and session advisory locks are released.
@@ -47,14 +50,34 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from workers.database import DatabaseUnavailable, Rows, WriteDenied
+from pbt_server.errors import ChildSessionCode
+from workers.dbapi import DatabaseUnavailable, Rows, WriteDenied, refuse_commit
 
-__all__ = ["PostgresDatabase", "first_keyword", "open_postgres", "refusal"]
+__all__ = ["PostgresDatabase", "error_code", "first_keyword", "open_postgres", "refusal"]
 
 _READ_ONLY_OPTION: Final = "-c default_transaction_read_only=on"
 _CONNECT_TIMEOUT_S: Final = "10"
-_BEGIN: Final = "BEGIN READ ONLY; SELECT 1"  # the SELECT pins the transaction read-only
+_ISOLATION: Final = {
+    "ReadCommitted": "READ COMMITTED READ ONLY",
+    "RepeatableRead": "REPEATABLE READ READ ONLY",
+    "Serializable": "SERIALIZABLE READ ONLY DEFERRABLE",
+}
 _END: Final = "ROLLBACK; SELECT pg_advisory_unlock_all()"
+# SQLSTATEs PostgreSQL uses when a read-only transaction refuses a write, or refuses to be
+# ended or made read-write from inside a task: read_only_sql_transaction (INSERT, DDL, nextval,
+# SELECT FOR UPDATE …), active_sql_transaction ("transaction read-write mode must be set before
+# any query", "VACUUM cannot run inside a transaction block"), invalid_transaction_termination
+# (COMMIT inside DO or CALL).
+_WRITE_DENIED: Final = frozenset({"25006", "25001", "2D000"})
+_CODES: Final = {
+    "40P01": ChildSessionCode.DB_DEADLOCK,
+    "40001": ChildSessionCode.DB_SERIALIZATION_FAILURE,  # also a standby's recovery conflict
+    "57014": ChildSessionCode.DB_TIMEOUT,  # query_canceled: statement_timeout
+    "55P03": ChildSessionCode.DB_TIMEOUT,  # lock_not_available: lock_timeout
+    "57P01": ChildSessionCode.DB_CONNECTION_LOST,  # admin_shutdown
+    "57P02": ChildSessionCode.DB_CONNECTION_LOST,  # crash_shutdown
+    "57P03": ChildSessionCode.DB_CONNECTION_LOST,  # cannot_connect_now (starting, recovering)
+}
 
 _TRANSACTION_CONTROL: Final = frozenset(
     {"abort", "begin", "commit", "end", "prepare", "release", "rollback", "savepoint", "start"}
@@ -139,11 +162,15 @@ class PostgresDatabase:
 
     backend = "postgresql"
     paramstyle = "pyformat"
-    __slots__ = ("_connection", "_params")
+    __slots__ = ("_begin_sql", "_connection", "_params")
 
-    def __init__(self, connection: psycopg.Connection[Any], params: dict[str, Any]) -> None:
+    def __init__(
+        self, connection: psycopg.Connection[Any], params: dict[str, Any], isolation: str
+    ) -> None:
         self._connection = connection
         self._params = params
+        # The SELECT takes the snapshot, after which the transaction cannot be made writable.
+        self._begin_sql = f"BEGIN ISOLATION LEVEL {_ISOLATION[isolation]}; SELECT 1"
 
     def execute(
         self, query: Query, params: Sequence[Any] | Mapping[str, Any] | None = None, /
@@ -164,7 +191,7 @@ class PostgresDatabase:
         """Begin the task's transaction; reconnect first if the server dropped us."""
         try:
             if not self._connection.closed:
-                self._connection.execute(_BEGIN)
+                self._connection.execute(self._begin_sql)
                 return self._connection
         except psycopg.OperationalError:
             if not self._connection.closed:
@@ -172,7 +199,7 @@ class PostgresDatabase:
         # Lost (server restart, pg_terminate_backend): nothing of the task ran yet, so
         # reconnecting and beginning again is safe. A failure here fails the task.
         self._connection = _connect(self._params)
-        self._connection.execute(_BEGIN)
+        self._connection.execute(self._begin_sql)
         return self._connection
 
     def rollback(self) -> None:
@@ -182,10 +209,11 @@ class PostgresDatabase:
 
     def commit(self) -> NoReturn:
         """Refused: nothing can be written."""
-        raise WriteDenied(
-            "ctx.db is read-only: commit() is not allowed; the worker ends each task's"
-            " read-only transaction itself"
-        )
+        refuse_commit()
+
+    def end_task(self) -> None:
+        if self.in_transaction:
+            self._connection.execute(_END)
 
     @property
     def in_transaction(self) -> bool:
@@ -230,14 +258,19 @@ def _describe(params: Mapping[str, Any]) -> str:
     return f"{user}{host}{port}/{params.get('dbname', '')}"
 
 
-def open_postgres(url: str) -> PostgresDatabase:
+def open_postgres(
+    url: str, *, isolation: str = "RepeatableRead", statement_timeout_ms: int = 0
+) -> PostgresDatabase:
     """Connect read-only; raise :class:`DatabaseUnavailable` saying why not."""
     scheme, _, rest = url.partition("://")
     try:
         params: dict[str, Any] = conninfo_to_dict(f"{scheme.lower()}://{rest}")
     except psycopg.Error as err:
         raise DatabaseUnavailable(f"bad PostgreSQL URL: {err}") from err
-    params["options"] = f"{params.get('options', '')} {_READ_ONLY_OPTION}".strip()
+    options = f"{params.get('options', '')} {_READ_ONLY_OPTION}"
+    if statement_timeout_ms:
+        options += f" -c statement_timeout={statement_timeout_ms}"
+    params["options"] = options.strip()
     params.setdefault("connect_timeout", _CONNECT_TIMEOUT_S)
     params.setdefault("application_name", "pbt-server worker")
     where = _describe(params)
@@ -250,7 +283,7 @@ def open_postgres(url: str) -> PostgresDatabase:
     except psycopg.Error as err:
         connection.close()
         raise DatabaseUnavailable(f"PostgreSQL {where}: {err}") from err
-    return PostgresDatabase(connection, params)
+    return PostgresDatabase(connection, params, isolation)
 
 
 def _check_single_statement(connection: psycopg.Connection[Any]) -> None:
@@ -265,3 +298,17 @@ def _check_single_statement(connection: psycopg.Connection[Any]) -> None:
         f"psycopg {psycopg.__version__} ran two statements in one execute; ctx.db relies on"
         " the extended query protocol refusing that, so the worker will not start"
     )
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The stable code of a PostgreSQL error a page can act on, or None."""
+    if not isinstance(exc, psycopg.Error):
+        return None
+    sqlstate = exc.sqlstate or ""
+    if sqlstate in _WRITE_DENIED:
+        return ChildSessionCode.DB_WRITE_DENIED
+    if sqlstate in _CODES:
+        return _CODES[sqlstate]
+    if sqlstate.startswith("08") or (isinstance(exc, psycopg.OperationalError) and not sqlstate):
+        return ChildSessionCode.DB_CONNECTION_LOST  # connection_exception, or no answer at all
+    return None

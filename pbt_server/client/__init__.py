@@ -1,4 +1,4 @@
-"""The blocking client library (SPEC §6); ``pbt_server.client.aio`` is the asyncio flavour.
+"""The blocking client library; ``pbt_server.client.aio`` is the asyncio flavour.
 
 ::
 
@@ -10,10 +10,13 @@
         task = page.enqueue_background_task(50100, {"Wait": "1000"}, error_level=ErrorLevel.WARNING)
         print(task.result(timeout=5))
 
-Two daemon threads per session: ``pbt-client-reader`` reads the socket and resolves replies
-and task handles; ``pbt-client-dispatch`` runs the triggers and notifications one at a time,
-in completion order. A handle is resolved before its trigger is queued, so ``result()``
-never waits on the dispatcher: a trigger may wait for another task without deadlock.
+A session has a reader thread, ``pbt-client-reader``, that reads the socket and resolves
+replies and task handles, and pings the broker when the line is quiet (a broker that stopped
+answering fails the pending handles with ``ConnectionLost``). Triggers and notifications run
+one at a time, in completion order, on the session's dispatcher: a thread of its own
+(``dispatch="thread"``, ``pbt-client-dispatch``), or the application's own thread, only when
+it calls :meth:`Session.process_events` (``dispatch="manual"``: triggers run only while the
+application is idle, as Business Central runs them; ``events_fd()`` lets a GUI's loop wait).
 """
 
 from __future__ import annotations
@@ -21,23 +24,33 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import select
 import socket
 import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pbt_server.client._core import (
+    DEFAULT_KEEPALIVE,
     Address,
+    AddressArg,
     Core,
-    ErrorLevel,
     Notification,
-    PageState,
+    PageBase,
     SessionBase,
-    TaskState,
+    TaskBase,
+    Work,
+    check_context,
     check_text,
     describe_address,
-    field,
-    resolve_address,
+    is_due,
+    refuse_in_child_session,
+    resolve_addresses,
     run_dispatch,
     status_fields,
 )
@@ -47,15 +60,19 @@ from pbt_server.errors import (
     BackgroundTaskError,
     ClientClosed,
     ConnectionLost,
+    EnqueueError,
     InvalidParameters,
+    MemoryBudgetExceeded,
+    NotAllowed,
     PageClosed,
     PbtError,
     ProtocolError,
     QueueFull,
+    ServerBusy,
     ServerShuttingDown,
     UnknownCodeunit,
 )
-from pbt_server.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Message
+from pbt_server.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, ErrorLevel, FrameDecoder
 
 __all__ = [
     "AuthenticationFailed",
@@ -64,13 +81,17 @@ __all__ = [
     "BackgroundTaskError",
     "ClientClosed",
     "ConnectionLost",
+    "EnqueueError",
     "ErrorLevel",
     "InvalidParameters",
+    "MemoryBudgetExceeded",
+    "NotAllowed",
     "Notification",
     "Page",
     "PageClosed",
     "PbtError",
     "QueueFull",
+    "ServerBusy",
     "ServerShuttingDown",
     "Session",
     "UnknownCodeunit",
@@ -78,21 +99,27 @@ __all__ = [
 ]
 
 _RECV_SIZE: Final = 64 * 1024  # under malloc's mmap threshold: no mmap per recv
+Dispatch = Literal["thread", "manual"]
 
 
 class _Latch:
     """A one-shot event on a bare lock: cheaper than ``threading.Event`` on the hot path."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "_set")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
+        self._set = False
 
     def set(self) -> None:
-        self._lock.release()
+        if not self._set:  # idempotent: an outcome may signal on arrival and on decision
+            self._set = True
+            self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
         if timeout is None:
             acquired = self._lock.acquire()
         else:
@@ -103,38 +130,92 @@ class _Latch:
 
 
 def connect(
-    address: str | os.PathLike[str] | tuple[str, int] | None = None,
+    address: AddressArg | Sequence[AddressArg] | None = None,
     *,
     token: str = "",
     timeout: float = 10.0,
     max_frame: int = DEFAULT_MAX_FRAME,
+    context: Mapping[str, str] | None = None,
+    keepalive: float | None = DEFAULT_KEEPALIVE,
+    dispatch: Dispatch = "thread",
+    config: str | os.PathLike[str] | None = None,
+    operator: bool = False,
 ) -> Session:
     """Connect to a pbt-server broker and open a session.
 
     Args:
-        address: a Unix socket path, or a ``(host, port)`` pair for TCP. ``None`` uses
-            ``$PBT_SOCKET``, else ``var/pbt.sock``.
+        address: a Unix socket path, a ``(host, port)`` pair for TCP, or a list of them
+            tried in order (the first that answers wins). ``None`` uses ``config`` if
+            given, else ``$PBT_SOCKET``, else ``var/pbt.sock``.
         token: the server's ``AuthToken`` (required on TCP, ignored on the Unix socket).
         timeout: seconds to wait for the connection and the broker's hello reply.
         max_frame: the largest frame accepted from the broker, in bytes.
+        context: the session's context (user id, company, language...), ``str`` to
+            ``str``; every task of the session sees it as ``ctx.context``.
+        keepalive: seconds of silence on the line before the client pings the broker; a
+            broker that does not answer within as long again is taken for lost
+            (``ConnectionLost``). ``None`` or 0: never.
+        dispatch: ``"thread"`` runs triggers on a dispatcher thread of the session;
+            ``"manual"`` runs them only inside :meth:`Session.process_events`.
+        config: a ``server.ini`` to find the server by, as the server does (its
+            ``PBT_*`` overrides apply): its socket, or its TCP address and token.
+        operator: an operator's connection, for ``status`` and ``ping`` only; it does not
+            count against ``MaxConnections``, so it works when the server is full.
 
     Returns:
         The open session; use it as a context manager to close it.
 
     Raises:
         ConnectionLost: the broker could not be reached or did not answer in time.
+        NotAllowed: called inside a child session (a codeunit cannot start tasks).
         PbtError: the broker refused the hello (e.g. ``AuthenticationFailed``).
     """
+    refuse_in_child_session()
     if not isinstance(token, str):
         raise TypeError(f"token must be a str, not {type(token).__name__}")
-    resolved = resolve_address(address)
-    session = Session(_open_socket(resolved, timeout), resolved, max_frame)
-    try:
-        session._hello(token, timeout)
-    except BaseException:
-        session.close()
-        raise
-    return session
+    if dispatch not in ("thread", "manual"):
+        raise ValueError(f"dispatch must be 'thread' or 'manual', not {dispatch!r}")
+    fields = _hello_fields(token, context, operator)
+    if address is None and config is not None:
+        address, fields["token"] = _from_config(config, token)
+    errors: list[str] = []
+    for resolved in resolve_addresses(address):
+        try:
+            sock = _open_socket(resolved, timeout)
+        except ConnectionLost as err:
+            errors.append(err.text)
+            continue
+        session = Session(sock, resolved, max_frame, keepalive, dispatch)
+        try:
+            session._hello(fields, timeout)
+        except BaseException:
+            session.close()
+            raise
+        return session
+    raise ConnectionLost("; ".join(errors))
+
+
+def _hello_fields(
+    token: str, context: Mapping[str, str] | None, operator: bool
+) -> dict[str, object]:
+    fields: dict[str, object] = {"protocol": PROTOCOL_VERSION, "token": token}
+    if context:
+        fields["context"] = check_context(context)
+    if operator:
+        fields["operator"] = True
+    return fields
+
+
+def _from_config(path: str | os.PathLike[str], token: str) -> tuple[list[AddressArg], str]:
+    """Where the server of ``path`` listens: its Unix socket first, then its TCP address."""
+    from pbt_server.config import load_config  # lazy: only this way of connecting needs it
+
+    server = load_config(Path(path)).server
+    addresses: list[AddressArg] = [str(server.socket_path)]
+    if server.tcp_address is not None:
+        host, port = server.tcp_address
+        addresses.append(("127.0.0.1" if host in ("0.0.0.0", "") else host, port))
+    return addresses, token or server.auth_token
 
 
 def _open_socket(address: Address, timeout: float) -> socket.socket:
@@ -158,22 +239,130 @@ def _open_socket(address: Address, timeout: float) -> socket.socket:
     return sock
 
 
+# --- dispatchers: where triggers run ------------------------------------------------------
+
+
+class _ThreadDispatcher:
+    """Triggers on a thread of the session's own, one at a time, in order."""
+
+    def __init__(self, core: Core, lock: threading.Lock) -> None:
+        self._core = core
+        self._lock = lock
+        self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="pbt-client-dispatch", daemon=True)
+        self.thread.start()
+
+    def put(self, work: list[Work]) -> None:
+        for item in work:
+            self._queue.put(item)
+
+    def stop(self) -> None:
+        self._queue.put(None)  # after any queued work: it is decided cancelled or lost
+
+    def join(self) -> None:
+        if threading.current_thread() is not self.thread:  # close() from a trigger
+            self.thread.join()
+
+    def _run(self) -> None:
+        while (work := self._queue.get()) is not None:
+            if not is_due(work):
+                assert isinstance(work, BackgroundTask)
+                work._returned_latch.wait()  # the caller has its TaskId before the trigger
+            self.put(_decided(self._core, self._lock, work))
+            run_dispatch(self._core.dispatch(work))
+
+
+def _decided(core: Core, lock: threading.Lock, work: Work) -> list[Work]:
+    """Decide ``work`` under the session's lock (its trigger then runs without the lock);
+    return what the decision made due (a page's pending count)."""
+    with lock:
+        if isinstance(work, TaskBase):
+            core.decide(work)
+        return core.take_work()
+
+
+class _ManualDispatcher:
+    """Triggers only when the application calls ``process_events``, on its own thread."""
+
+    def __init__(self, core: Core, lock: threading.Lock) -> None:
+        self._core = core
+        self._lock = lock
+        self._due: deque[Work] = deque()
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopped = False
+
+    def put(self, work: list[Work]) -> None:
+        if work:
+            self._due.extend(work)
+            os.eventfd_write(self._fd, 1)
+
+    def stop(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._fd, 1)
+
+    def join(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def process(self, timeout: float) -> int:
+        if not self._due and timeout > 0 and not self._stopped:
+            select.select([self._fd], [], [], timeout)
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.eventfd_read(self._fd)
+        ran = 0
+        while self._due:
+            work = self._due[0]
+            if not is_due(work):  # enqueued on another thread, which has not returned yet
+                os.eventfd_write(self._fd, 1)
+                break
+            self._due.popleft()
+            self._due.extend(_decided(self._core, self._lock, work))
+            run_dispatch(self._core.dispatch(work))
+            ran += 1
+        return ran
+
+
+_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for session in list(_sessions):
+        session._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Session(SessionBase):
     """One connection to the broker (a *parent session*). Create it with :func:`connect`."""
 
-    def __init__(self, sock: socket.socket, address: Address, max_frame: int) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: Address,
+        max_frame: int,
+        keepalive: float | None = DEFAULT_KEEPALIVE,
+        dispatch: Dispatch = "thread",
+    ) -> None:
         super().__init__(Core(max_frame=max_frame), address)
         self._sock = sock
         self._decoder = FrameDecoder(max_frame, trusted=True)
         self._lock = threading.Lock()  # guards the core (reader thread vs callers)
         self._send_lock = threading.Lock()  # one whole frame at a time on the socket
-        self._work: queue.SimpleQueue[TaskState[Any] | None] = queue.SimpleQueue()
-        self._reader = threading.Thread(target=self._read, name="pbt-client-reader", daemon=True)
-        self._dispatcher = threading.Thread(
-            target=self._dispatch, name="pbt-client-dispatch", daemon=True
+        self._keepalive = keepalive or None
+        self._forked = False
+        self._dispatcher: _ThreadDispatcher | _ManualDispatcher = (
+            _ThreadDispatcher(self._core, self._lock)
+            if dispatch == "thread"
+            else _ManualDispatcher(self._core, self._lock)
         )
+        self._reader = threading.Thread(target=self._read, name="pbt-client-reader", daemon=True)
         self._reader.start()
-        self._dispatcher.start()
+        _sessions.add(self)
 
     def open_page(self, name: str, record_id: str = "") -> Page:
         """Open a page in this session.
@@ -194,7 +383,7 @@ class Session(SessionBase):
         name = check_text("name", name)
         record_id = check_text("record_id", record_id)
         reply = self._request("open_page", {"name": name, "record": record_id})
-        page = Page(self, field(reply, "page", int), name, record_id)
+        page = Page(self, reply["page"], name, record_id)
         with self._lock:
             self._core.add_page(page)
         return page
@@ -209,7 +398,7 @@ class Session(SessionBase):
         self._request("ping", {})
 
     def status(self) -> dict[str, object]:
-        """The broker's status: ``sessions`` and ``workers``, each a list of maps.
+        """The broker's status: ``server``, ``sessions`` and ``workers``.
 
         Raises:
             ClientClosed: the session was closed.
@@ -217,20 +406,48 @@ class Session(SessionBase):
         """
         return status_fields(self._request("status", {}))
 
+    def process_events(self, timeout: float = 0.0) -> int:
+        """Run the triggers and notifications that are due, on this thread; return how many.
+
+        Only for ``connect(..., dispatch="manual")``. Waits up to ``timeout`` seconds for
+        something to become due when nothing is.
+
+        Raises:
+            ClientClosed: the session was connected with ``dispatch="thread"``.
+        """
+        dispatcher = self._dispatcher
+        if not isinstance(dispatcher, _ManualDispatcher):
+            raise ClientClosed("process_events needs connect(..., dispatch='manual')")
+        return dispatcher.process(timeout)
+
+    def events_fd(self) -> int:
+        """A file descriptor that becomes readable when something is due: wait on it in a
+        GUI's or a selector's loop, then call :meth:`process_events`.
+
+        Raises:
+            ClientClosed: the session was connected with ``dispatch="thread"``.
+        """
+        dispatcher = self._dispatcher
+        if not isinstance(dispatcher, _ManualDispatcher):
+            raise ClientClosed("events_fd needs connect(..., dispatch='manual')")
+        return dispatcher.fileno()
+
     def close(self) -> None:
         """Close the session; the broker cancels its tasks. Idempotent.
 
         Unresolved handles end with ``BackgroundTaskCanceled`` (code ``SessionClosed``);
         queued triggers do not run. Safe to call from a trigger.
         """
+        if self._forked:
+            return  # the connection is the parent process's; leave it alone
         with self._lock:
             self._core.close()
+            work = self._core.take_work()
+        self._dispatcher.put(work)
         self._shutdown()  # wakes the reader
-        current = threading.current_thread()
-        if current is not self._reader:
+        if threading.current_thread() is not self._reader:
             self._reader.join()
-        if current is not self._dispatcher:  # close() from a trigger must not join itself
-            self._dispatcher.join()
+        self._dispatcher.join()
 
     def __enter__(self) -> Session:
         return self
@@ -245,10 +462,9 @@ class Session(SessionBase):
 
     # --- internals shared with Page -------------------------------------------------------
 
-    def _hello(self, token: str, timeout: float) -> None:
-        hello = {"protocol": PROTOCOL_VERSION, "token": token}
+    def _hello(self, fields: dict[str, object], timeout: float) -> None:
         try:
-            reply = self._request("hello", hello, timeout=timeout)
+            reply = self._request("hello", fields, timeout=timeout)
         except TimeoutError as err:
             where = describe_address(self._address)
             raise ConnectionLost(f"{where}: no answer to hello within {timeout} s") from err
@@ -261,16 +477,32 @@ class Session(SessionBase):
             # A result may be as large as the broker's MaxFrameBytes, whatever we assumed.
             self._decoder.max_frame = max(self._decoder.max_frame, announced)
 
+    def _check_process(self) -> None:
+        if self._forked:
+            raise ClientClosed(
+                "this session belongs to the process that connected it; a forked child"
+                " must connect a session of its own"
+            )
+
     def _request(
         self,
         op: str,
         fields: dict[str, object],
-        task: TaskState[Any] | None = None,
+        task: TaskBase[Any] | None = None,
         timeout: float | None = None,
-    ) -> Message:
+    ) -> dict[str, Any]:
+        self._check_process()
         latch = _Latch()
         with self._lock:
             pending, frame = self._core.request(op, fields, latch, task)
+        self._send(frame)
+        if not latch.wait(timeout):
+            with self._lock:
+                self._core.abandon(pending)
+            raise TimeoutError(f"no answer to {op} within {timeout} s")
+        return pending.result()
+
+    def _send(self, frame: bytes) -> None:
         try:
             with self._send_lock:
                 self._sock.sendall(frame)
@@ -278,13 +510,10 @@ class Session(SessionBase):
             with self._lock:
                 self._core.connection_lost(f"sending to {describe_address(self._address)}: {err}")
                 error = self._core.ended_error()
+                work = self._core.take_work()
+            self._dispatcher.put(work)
             self._shutdown()
             raise error from err
-        if not latch.wait(timeout):
-            with self._lock:
-                self._core.abandon(pending)
-            raise TimeoutError(f"no answer to {op} within {timeout} s")
-        return pending.result()
 
     def _shutdown(self) -> None:
         with contextlib.suppress(OSError):  # already closed by the reader
@@ -293,17 +522,37 @@ class Session(SessionBase):
     def _read(self) -> None:
         sock, decoder, core, lock = self._sock, self._decoder, self._core, self._lock
         reason: str | None = "the client's reader stopped"
+        pinged_at: float | None = None
+        keepalive = self._keepalive
         try:
+            sock.settimeout(keepalive)
             while True:
-                data = sock.recv(_RECV_SIZE)
+                try:
+                    data = sock.recv(_RECV_SIZE)
+                except TimeoutError:
+                    if pinged_at is not None:
+                        reason = f"the server did not answer a keepalive ping within {keepalive} s"
+                        break
+                    pinged_at = time.monotonic()
+                    self._ping_quietly()
+                    continue
+                pinged_at = None
                 if not data:
                     reason = None  # a clean end of stream
+                    if decoder.pending:
+                        reason = (
+                            f"the connection ended inside a frame ({decoder.pending} bytes of"
+                            " it arrived): truncated"
+                        )
                     break
-                for message in decoder.feed(data):
-                    with lock:
-                        task = core.receive(message)
-                    if task is not None:
-                        self._work.put(task)
+                with lock:
+                    for message in decoder.feed(data):
+                        core.receive(message)
+                    work = core.take_work()
+                    orphans = core.take_orphans()
+                self._dispatcher.put(work)
+                for frame in orphans:
+                    self._send_quietly(frame)
         except ConnectionLost as err:
             reason = err.text
         except ProtocolError as err:
@@ -313,26 +562,40 @@ class Session(SessionBase):
         finally:
             with lock:
                 core.connection_lost(reason)  # no-op after close()
+                work = core.take_work()
+            self._dispatcher.put(work)
             self._shutdown()  # fails a sendall blocked on a peer that stopped reading
             with self._send_lock:
                 sock.close()
-            self._work.put(None)  # after any queued work: the dispatcher skips it (pages closed)
+            self._dispatcher.stop()
 
-    def _dispatch(self) -> None:
-        while (task := self._work.get()) is not None:
-            run_dispatch(self._core.dispatch(task))
+    def _ping_quietly(self) -> None:
+        with self._lock:
+            if self._core.ended:
+                return
+            _, frame = self._core.request("ping", {}, _Latch())
+        self._send_quietly(frame)
+
+    def _send_quietly(self, frame: bytes) -> None:
+        # From the reader: never wait behind a caller stuck sending to a broker that does
+        # not read (the missing answer to the ping says as much).
+        if self._send_lock.acquire(blocking=False):
+            try:
+                with contextlib.suppress(OSError):
+                    self._sock.sendall(frame)
+            finally:
+                self._send_lock.release()
 
 
-class Page(PageState):
+class Page(PageBase):
     """A page opened in a session (:meth:`Session.open_page`).
 
-    Set ``on_completed(task_id, results)`` and ``on_error(task_id, code, text, call_stack)
-    -> is_handled`` to receive task outcomes; both run on the session's dispatcher thread.
+    Set ``on_completed(task_id, results)``, ``on_error(task_id, code, text, call_stack)
+    -> is_handled`` and ``on_pending_changed(count)`` to follow its tasks; they run on the
+    session's dispatcher.
     """
 
-    def __init__(self, session: Session, page_id: int, name: str, record_id: str) -> None:
-        super().__init__(page_id, name, record_id)
-        self._session = session
+    _session: Session
 
     @property
     def session(self) -> Session:
@@ -356,13 +619,14 @@ class Page(PageState):
             error_level: how an unhandled failure is surfaced.
 
         Returns:
-            The task handle.
+            The task handle. Its triggers run only after this call has returned.
 
         Raises:
             InvalidParameters: a bad argument (checked before anything is sent).
             PageClosed: the page was closed.
             QueueFull: the session already has the maximum number of tasks waiting.
             UnknownCodeunit: no codeunit has that id.
+            MemoryBudgetExceeded: the server's memory budget is spent.
             ServerShuttingDown: the server is stopping.
             ClientClosed: the session was closed.
             ConnectionLost: the connection broke.
@@ -374,6 +638,31 @@ class Page(PageState):
                 self, task, codeunit_id, parameters, timeout, error_level
             )
         session._request("enqueue", fields, task)
+        task._returned = True
+        task._returned_latch.set()
+        return task
+
+    def try_enqueue_background_task(
+        self,
+        codeunit_id: int,
+        parameters: dict[str, str] | None = None,
+        timeout: int | None = None,
+        error_level: ErrorLevel | str = ErrorLevel.ERROR,
+    ) -> BackgroundTask | None:
+        """Business Central's ``Ok := CurrPage.EnqueueBackgroundTask(...)``: the same as
+        :meth:`enqueue_background_task`, but a refusal returns None instead of raising; the
+        reason is then :attr:`last_enqueue_error` (with its ``.code``).
+
+        Raises:
+            ClientClosed: the session was closed (a misuse, not a refusal).
+            ConnectionLost: the connection broke.
+        """
+        try:
+            task = self.enqueue_background_task(codeunit_id, parameters, timeout, error_level)
+        except (EnqueueError, ServerBusy) as err:
+            self.last_enqueue_error = err
+            return None
+        self.last_enqueue_error = None
         return task
 
     def cancel_background_task(self, task_id: int) -> bool:
@@ -391,8 +680,11 @@ class Page(PageState):
         """
         session = self._session
         with session._lock:
-            if not session._core.should_cancel(self, task_id):
-                return False
+            local = session._core.cancel(self, task_id)
+            work = session._core.take_work()
+        session._dispatcher.put(work)
+        if local is not None:
+            return local
         try:
             reply = session._request("cancel", {"task": task_id})
         except ConnectionLost:
@@ -411,6 +703,8 @@ class Page(PageState):
         session = self._session
         with session._lock:
             fields = session._core.set_record(self, record_id)
+            work = session._core.take_work()
+        session._dispatcher.put(work)
         session._request("set_record", fields)
 
     def close(self) -> None:
@@ -422,17 +716,28 @@ class Page(PageState):
         """
         session = self._session
         with session._lock:
-            if not session._core.close_page(self):
-                return
-        session._request("close_page", {"page": self.id})
+            closing = session._core.close_page(self)
+            work = session._core.take_work()
+        session._dispatcher.put(work)
+        if closing:
+            session._request("close_page", {"page": self.id})
 
 
-class BackgroundTask(TaskState[Page]):
+class BackgroundTask(TaskBase[Page]):
     """The handle of an enqueued task: a future resolved exactly once."""
 
     def __init__(self, page: Page) -> None:
         self._latch = _Latch()
+        self._returned_latch = _Latch()
         super().__init__(page, self._latch)
+
+    def done(self) -> bool:
+        """Return True once the task has its outcome (results, error or cancellation).
+
+        Only :meth:`result` and :meth:`exception` take the outcome, and so decide it: an
+        outcome nobody took yet becomes a cancellation if the page moves on first.
+        """
+        return self._done or self._arrived is not None
 
     def result(self, timeout: float | None = None) -> dict[str, str]:
         """Wait for the task's outcome.
@@ -468,3 +773,12 @@ class BackgroundTask(TaskState[Page]):
     def _wait(self, timeout: float | None) -> None:
         if not self._done and not self._latch.wait(timeout):
             raise TimeoutError(f"task {self.id} has no outcome after {timeout} s")
+        self._decide()
+
+    def _decide(self) -> None:
+        if not self._done and self._arrived is not None:
+            session = self.page.session
+            with session._lock:
+                session._core.decide(self)
+                work = session._core.take_work()
+            session._dispatcher.put(work)

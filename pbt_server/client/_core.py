@@ -6,12 +6,25 @@
                                                        │
     broker frames ──(flavour reads)──> receive(message)
         reply / error    -> the PendingRequest is answered, its signal set
-        completed/failed -> the TaskState is resolved, its signal set, and the task
-                            is returned as dispatch work
-        cancelled        -> the TaskState is resolved; no work
+        completed/failed -> the outcome is stored on the task, its signal set (waiters
+                            wake), and the task becomes dispatch work
+        cancelled        -> the task is decided: cancelled; no trigger
         shutdown         -> remembered for the ConnectionLost text
-    dispatch work ──(the flavour's one dispatcher)──> dispatch(task): a generator that
+    take_work() ──(the flavour's one dispatcher)──> dispatch(work): a generator that
         yields the callbacks to call, one at a time, and decides what follows
+
+One decision per task. An outcome that arrived is *decided* — the handle resolved and, if
+completed or failed, its trigger bound to run — at the first of: the dispatcher reaching it,
+a caller taking it from the handle (``result()``, ``exception()``), or the page moving on
+(``set_record``, ``close``, ``cancel_background_task``: then it is decided cancelled and no
+trigger runs). So a
+handle and its triggers always tell the same story, a waiting caller never waits on the
+dispatcher (a trigger may wait for another task without deadlock), and a page that moved on
+never gets a trigger for the record it left.
+
+TaskId first. A flavour runs a task's trigger only once the call that returned its TaskId has
+returned (``TaskBase.returned``): code that remembers the id and matches it in the trigger
+never misses one.
 
 A flavour creates the signals (a lock-based latch, an ``asyncio.Event``) and waits on them;
 the core only calls ``signal.set()``. The core is not thread-safe: the blocking flavour calls
@@ -24,48 +37,50 @@ import dataclasses
 import logging
 import os
 import traceback
-from collections.abc import Callable, Generator, Mapping
-from enum import StrEnum
+from collections import deque
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+from pbt_server.codeunits import in_child_session
 from pbt_server.errors import (
-    CANCELED_PAGE_CLOSED,
-    CANCELED_RECORD_CHANGED,
-    CANCELED_SESSION_CLOSED,
     BackgroundTaskCanceled,
     BackgroundTaskError,
+    CancelReason,
     ClientClosed,
     ConnectionLost,
     InvalidParameters,
+    NotAllowed,
     PageClosed,
     PbtError,
-    ProtocolError,
     error_from_wire,
 )
-from pbt_server.protocol import MAX_PARAMETERS, MAX_TEXT, Message, encode_frame
+from pbt_server.protocol import (
+    EVENTS,
+    INT64_MAX,
+    MAX_CONTEXT,
+    MAX_PARAMETERS,
+    MAX_TEXT,
+    ErrorLevel,
+    Message,
+    encode_frame,
+    validate_reply,
+)
 
 logger: Final = logging.getLogger("pbt_server.client")
 
 DEFAULT_SOCKET: Final = "var/pbt.sock"
-_INT64_MAX: Final = (1 << 63) - 1
-_CANCELLING_OPS: Final = {"set_record": CANCELED_RECORD_CHANGED, "close_page": CANCELED_PAGE_CLOSED}
+DEFAULT_KEEPALIVE: Final = 15.0  # seconds of silence before a ping; as long again for its answer
+_CANCELLING_OPS: Final = {
+    "set_record": CancelReason.RECORD_CHANGED,
+    "close_page": CancelReason.PAGE_CLOSED,
+}
 
 Address = str | tuple[str, int]
 CompletedTrigger = Callable[[int, dict[str, str]], object]
 ErrorTrigger = Callable[[int, str, str, str], object]
+PendingTrigger = Callable[[int], object]
 Call = tuple[Callable[..., object], tuple[object, ...]]
 T = TypeVar("T")
-
-
-class ErrorLevel(StrEnum):
-    """How an error that the page's error trigger did not handle is surfaced."""
-
-    IGNORE = "Ignore"
-    WARNING = "Warning"
-    ERROR = "Error"
-
-
-_LEVELS: Final = frozenset(level.value for level in ErrorLevel)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,18 +106,32 @@ class Signal(Protocol):
     def set(self) -> None: ...
 
 
-class PageState:
-    """A page's bookkeeping; the public ``Page`` classes extend it with I/O."""
+class PageBase:
+    """A page's bookkeeping and the members both flavours' ``Page`` share."""
 
-    def __init__(self, page_id: int, name: str, record_id: str) -> None:
+    def __init__(self, session: Any, page_id: int, name: str, record_id: str) -> None:
+        self._session = session
         self._id = page_id
         self._name = name
         self._record_id = record_id
         self._closed = False
+        self._pending = 0  # tasks enqueued and not yet decided
+        self._pending_told = 0  # the count on_pending_changed last heard
+        self._undecided: dict[int, TaskBase[Any]] = {}  # outcome arrived, not yet decided
         #: ``on_completed(task_id, results)``, run on the dispatcher; ``None`` drops results.
         self.on_completed: CompletedTrigger | None = None
         #: ``on_error(task_id, code, text, call_stack) -> is_handled``, run on the dispatcher.
         self.on_error: ErrorTrigger | None = None
+        #: ``on_pending_changed(count)``, run on the dispatcher when :attr:`pending` changed:
+        #: what a cue needs to show ``-`` while its tasks run.
+        self.on_pending_changed: PendingTrigger | None = None
+        #: The error of the last refused ``try_enqueue_background_task`` (``.code`` says why).
+        self.last_enqueue_error: PbtError | None = None
+
+    @property
+    def session(self) -> Any:
+        """The session this page belongs to."""
+        return self._session
 
     @property
     def id(self) -> int:
@@ -124,15 +153,20 @@ class PageState:
         """True once the page (or its session) was closed or the connection was lost."""
         return self._closed
 
+    @property
+    def pending(self) -> int:
+        """Tasks of this page enqueued and not yet ended (completed, failed or cancelled)."""
+        return self._pending
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {self._id} {self._name!r} {self._record_id!r} {state}>"
 
 
-P = TypeVar("P", bound=PageState)
+P = TypeVar("P", bound=PageBase)
 
 
-class TaskState(Generic[P]):
+class TaskBase(Generic[P]):
     """A task's bookkeeping and outcome; the public ``BackgroundTask`` classes extend it."""
 
     def __init__(self, page: P, signal: Signal) -> None:
@@ -142,7 +176,9 @@ class TaskState(Generic[P]):
         self._record_id = page.record_id
         self._error_level = ErrorLevel.ERROR
         self._timeout = 0
-        self._done = False
+        self._arrived: tuple[dict[str, str] | None, PbtError | None] | None = None
+        self._done = False  # decided
+        self._returned = False  # the call that returned the TaskId has returned
         self._results: dict[str, str] | None = None
         self._error: PbtError | None = None
 
@@ -171,10 +207,6 @@ class TaskState(Generic[P]):
         """The timeout the broker applies, in milliseconds (after defaulting and clamping)."""
         return self._timeout
 
-    def done(self) -> bool:
-        """Return True once the task has its outcome (results, error or cancellation)."""
-        return self._done
-
     def _outcome(self) -> dict[str, str]:
         if self._error is not None:
             raise self._error
@@ -183,12 +215,15 @@ class TaskState(Generic[P]):
 
     def __repr__(self) -> str:
         if not self._done:
-            state = "pending"
+            state = "pending" if self._arrived is None else "arrived"
         elif self._error is None:
             state = "completed"
         else:
             state = self._error.code
         return f"<{type(self).__name__} {self._id} page={self._page.id} {state}>"
+
+
+Work = TaskBase[Any] | PageBase
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -198,9 +233,10 @@ class PendingRequest:
     rid: int
     op: str
     signal: Signal
-    task: TaskState[Any] | None = None
+    task: TaskBase[Any] | None = None
     reply: Message | None = None
     error: PbtError | None = None
+    orphaned: bool = False  # its caller gave up; an accepted task is cancelled at once
 
     def result(self) -> Message:
         """The reply's fields, or raise the error that answered it."""
@@ -210,16 +246,29 @@ class PendingRequest:
         return self.reply
 
 
-def resolve_address(address: str | os.PathLike[str] | tuple[str, int] | None) -> Address:
-    """A Unix socket path or a ``(host, port)`` pair; ``None`` means ``$PBT_SOCKET``."""
+AddressArg = str | os.PathLike[str] | tuple[str, int]
+
+
+def resolve_addresses(address: AddressArg | Sequence[AddressArg] | None) -> list[Address]:
+    """Unix socket paths and ``(host, port)`` pairs to try, in order; ``None`` means
+    ``$PBT_SOCKET`` or ``var/pbt.sock``."""
     if address is None:
-        return os.environ.get("PBT_SOCKET") or DEFAULT_SOCKET
+        return [os.environ.get("PBT_SOCKET") or DEFAULT_SOCKET]
+    if isinstance(address, list):
+        if not address:
+            raise ValueError("the list of addresses is empty")
+        return [_one_address(item) for item in address]
+    return [_one_address(address)]
+
+
+def _one_address(address: object) -> Address:
     if isinstance(address, tuple):
-        host, port = address
-        if not isinstance(host, str) or type(port) is not int:
+        if len(address) != 2 or not isinstance(address[0], str) or type(address[1]) is not int:
             raise TypeError(f"a TCP address is (host: str, port: int), not {address!r}")
-        return (host, port)
-    return os.fspath(address)
+        return (address[0], address[1])
+    if isinstance(address, str | os.PathLike):
+        return os.fspath(address)
+    raise TypeError(f"an address is a socket path or (host, port), not {address!r}")
 
 
 def describe_address(address: Address) -> str:
@@ -235,12 +284,27 @@ def check_text(name: str, value: object) -> str:
     return value
 
 
-def field(message: Message, name: str, kind: type[T]) -> T:
-    """``message[name]`` if it is a ``kind``; else the broker broke the protocol."""
-    value = message.get(name)
-    if not isinstance(value, kind):
-        raise ProtocolError(f"{message['op']}: field {name!r} must be {kind.__name__}")
-    return value
+def check_context(context: Mapping[str, str] | None) -> dict[str, str]:
+    """Check a session's context (user, company, language...) before ``hello``."""
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise TypeError(f"context must be a mapping of str to str, not {type(context).__name__}")
+    if len(context) > MAX_CONTEXT:
+        raise ValueError(f"context has {len(context)} entries; at most {MAX_CONTEXT}")
+    copy = {}
+    for key, value in context.items():
+        copy[check_text("context key", key)] = check_text(f"context[{key!r}]", value)
+    return copy
+
+
+def refuse_in_child_session() -> None:
+    """A child session cannot start background tasks (Business Central refuses it too)."""
+    if in_child_session():
+        raise NotAllowed(
+            "a child session cannot start background tasks: this code runs inside a"
+            " pbt-server worker (or a process a codeunit started)"
+        )
 
 
 def _parameters(parameters: Mapping[str, str] | None) -> dict[str, str]:
@@ -275,8 +339,10 @@ class Core:
         self.tap: Callable[[Message], None] | None = None
         self._next_rid = 1
         self._pending: dict[int, PendingRequest] = {}
-        self._pages: dict[int, PageState] = {}
-        self._tasks: dict[int, TaskState[Any]] = {}  # accepted and not yet resolved
+        self._pages: dict[int, PageBase] = {}
+        self._tasks: dict[int, TaskBase[Any]] = {}  # accepted, no outcome arrived yet
+        self._work: deque[Work] = deque()
+        self._orphans: list[int] = []  # accepted tasks whose enqueue call was abandoned
         self._closed_by_user = False
         self._lost: str | None = None
         self._shutdown_text: str | None = None
@@ -297,6 +363,12 @@ class Core:
             return ClientClosed("this session was closed")
         return ConnectionLost(self._lost or "the connection is closed")
 
+    def take_work(self) -> list[Work]:
+        """What the dispatcher is to run next, in order (tasks, pages whose count changed)."""
+        work = list(self._work)
+        self._work.clear()
+        return work
+
     # --- requests ----------------------------------------------------------------------
 
     def request(
@@ -304,7 +376,7 @@ class Core:
         op: str,
         fields: dict[str, object],
         signal: Signal,
-        task: TaskState[Any] | None = None,
+        task: TaskBase[Any] | None = None,
     ) -> tuple[PendingRequest, bytes]:
         """Register a request and return it with the frame to send."""
         self.check_open()
@@ -321,46 +393,74 @@ class Core:
         return pending, frame
 
     def abandon(self, pending: PendingRequest) -> None:
-        """Forget a request whose caller stopped waiting; a late answer is ignored."""
-        self._pending.pop(pending.rid, None)
+        """The caller stopped waiting for ``pending``. A late answer is ignored, except that a
+        task it enqueued is cancelled as soon as its id is known: no task without an owner."""
+        task = pending.task
+        if pending.rid not in self._pending:
+            if task is not None and task._id and not task._done:
+                self._orphan(task)  # the reply came first; the caller never saw it
+            return
+        if task is None:
+            del self._pending[pending.rid]
+        else:
+            pending.orphaned = True
+
+    def take_orphans(self) -> list[bytes]:
+        """Cancel requests to send for tasks nobody holds a handle to."""
+        frames = []
+        for task_id in self._orphans:
+            if not self.ended:
+                _, frame = self.request("cancel", {"task": task_id}, _NoSignal())
+                frames.append(frame)
+        self._orphans.clear()
+        return frames
+
+    def _orphan(self, task: TaskBase[Any]) -> None:
+        task._returned = True
+        self._orphans.append(task._id)
+        text = f"the call that enqueued task {task._id} was cancelled before it returned"
+        self._decide(task, None, BackgroundTaskCanceled(text, code=CancelReason.CANCELED))
 
     def welcome(self, reply: Message) -> int:
         """Take the hello reply; return the largest frame the broker may send (and accepts)."""
-        self.session_id = field(reply, "session", int)
-        announced = reply.get("max_frame")
-        if type(announced) is int and announced > 0:
-            self.max_frame = announced  # what the broker accepts from us
-            return announced
-        return 0
+        checked = validate_reply("hello", reply)
+        self.session_id = checked["session"]
+        self.max_frame = checked["max_frame"]  # what the broker accepts from us
+        return int(checked["max_frame"])
 
-    def add_page(self, page: PageState) -> None:
+    def add_page(self, page: PageBase) -> None:
         if self.ended:
             page._closed = True
         else:
             self._pages[page.id] = page
 
-    def close_page(self, page: PageState) -> bool:
+    def close_page(self, page: PageBase) -> bool:
         """Mark ``page`` closed before close_page is sent; False if it already was."""
         if page._closed:
             return False
         self.check_open()
-        page._closed = True  # from now on its outcomes are cancellations (dispatch-time check)
+        page._closed = True  # from now on its outcomes are cancellations
         self._pages.pop(page.id, None)
+        self._decide_moved(page, CancelReason.PAGE_CLOSED, f"page {page.name!r} was closed")
         return True
 
-    def set_record(self, page: PageState, record_id: object) -> dict[str, object]:
+    def set_record(self, page: PageBase, record_id: object) -> dict[str, object]:
         """Change the page's record locally, before the request is sent."""
         record_id = check_text("record_id", record_id)
         self.check_open()
         if page._closed:
             raise ClientClosed(f"page {page.name!r} was closed")
+        old = page._record_id
         page._record_id = record_id
+        if old != record_id:
+            text = f"the page's record changed from {old!r} to {record_id!r}"
+            self._decide_moved(page, CancelReason.RECORD_CHANGED, text)
         return {"page": page.id, "record": record_id}
 
     def enqueue(
         self,
-        page: PageState,
-        task: TaskState[Any],
+        page: PageBase,
+        task: TaskBase[Any],
         codeunit_id: object,
         parameters: Mapping[str, str] | None,
         timeout: object,
@@ -372,9 +472,9 @@ class Core:
             raise PageClosed(f"page {page.name!r} is closed")
         if type(codeunit_id) is not int:
             raise InvalidParameters(f"codeunit_id must be an int, not {type(codeunit_id).__name__}")
-        if not 0 <= codeunit_id <= _INT64_MAX:
+        if not 0 <= codeunit_id <= INT64_MAX:
             raise InvalidParameters(f"codeunit_id {codeunit_id} is out of range")
-        if timeout is not None and (type(timeout) is not int or abs(timeout) > _INT64_MAX):
+        if timeout is not None and (type(timeout) is not int or abs(timeout) > INT64_MAX):
             raise InvalidParameters(
                 f"timeout must be None or an int of milliseconds, not {timeout!r}"
             )
@@ -391,19 +491,27 @@ class Core:
             "level": level.value,
         }
 
-    def should_cancel(self, page: PageState, task_id: object) -> bool:
-        """Whether a cancel is worth sending: the task is this page's and still unresolved."""
+    def cancel(self, page: PageBase, task_id: object) -> bool | None:
+        """Start cancelling a task of ``page``: None if the broker must be asked; else the
+        answer (False: unknown, not this page's, or already decided; True: its outcome had
+        arrived and is now decided cancelled, so no trigger runs)."""
         if self._closed_by_user:
             raise ClientClosed("this session was closed")
         if not isinstance(task_id, int) or isinstance(task_id, bool):
             return False
+        task = page._undecided.get(task_id)
+        if task is not None:
+            self._decide(task, None, BackgroundTaskCanceled(code=CancelReason.CANCELED))
+            return True
         task = self._tasks.get(task_id)
-        return task is not None and task.page is page
+        if task is None or task.page is not page:
+            return False
+        return None
 
     # --- frames from the broker ----------------------------------------------------------
 
-    def receive(self, message: Message) -> TaskState[Any] | None:
-        """Apply one broker frame; return a task whose trigger is due, if any.
+    def receive(self, message: Message) -> None:
+        """Apply one broker frame; what becomes due is in :meth:`take_work`.
 
         Raises:
             ProtocolError: the frame is malformed.
@@ -412,34 +520,48 @@ class Core:
         if self.tap is not None:
             self.tap(message)
         op = message["op"]
-        if op == "reply" or op == "error":
-            self._answer(message)
-            return None
-        if op == "completed" or op == "failed" or op == "cancelled":
-            return self._outcome(message)
-        if op == "shutdown":
-            self._shutdown_text = str(message.get("text", ""))
-            logger.info("the server is shutting down: %s", self._shutdown_text)
+        if op == "reply":
+            self._answer(message, None)
+        elif op in EVENTS.shapes:
+            event = EVENTS.validate(message)
+            match event["op"]:
+                case "error":
+                    self._refused(event["rid"], event["code"], event["text"])
+                case "completed":
+                    self._arrive(event["task"], event["results"], None)
+                case "failed":
+                    error = BackgroundTaskError(
+                        event["text"],
+                        code=event["code"],
+                        call_stack=event["stack"],
+                        task_id=event["task"],
+                    )
+                    self._arrive(event["task"], None, error)
+                case "cancelled":
+                    task = self._tasks.pop(event["task"], None)
+                    if task is not None:
+                        text = event["text"] or f"task {task.id} was cancelled"
+                        self._decide(task, None, BackgroundTaskCanceled(text, code=event["code"]))
+                case "shutdown":
+                    self._shutdown_text = event["text"]
+                    logger.info("the server is shutting down: %s", self._shutdown_text)
         else:
             logger.debug("ignored unknown event %r", op)
-        return None
 
-    def _answer(self, message: Message) -> None:
+    def _refused(self, rid: int | None, code: str, text: str) -> None:
+        if rid is None:
+            # Refused before it could answer our hello (e.g. ServerBusy): connect() raises
+            # the server's own reason, whether or not our hello was out yet.
+            if self.session_id == 0:
+                self.refusal = error_from_wire(code, text)
+            hello = next((p for p in self._pending.values() if p.op == "hello"), None)
+            if hello is None:
+                raise ConnectionLost(f"the server refused this connection: {code}: {text}")
+            rid = hello.rid
+        self._answer({"op": "error", "rid": rid}, error_from_wire(code, text))
+
+    def _answer(self, message: Message, error: PbtError | None) -> None:
         rid = message.get("rid")
-        error: PbtError | None = None
-        if message["op"] == "error":
-            code, text = field(message, "code", str), field(message, "text", str)
-            if rid is None:
-                # Refused before it could answer our hello (e.g. ServerBusy): connect() raises
-                # the server's own reason, as it does for AuthenticationFailed, whether or not
-                # our hello was out yet.
-                if self.session_id == 0:
-                    self.refusal = error_from_wire(code, text)
-                hello = next((p for p in self._pending.values() if p.op == "hello"), None)
-                if hello is None:
-                    raise ConnectionLost(f"the server refused this connection: {code}: {text}")
-                rid = hello.rid
-            error = error_from_wire(code, text)
         pending = self._pending.get(rid) if type(rid) is int else None
         if pending is None:
             logger.debug("ignored an answer to unknown request %r", rid)
@@ -448,77 +570,95 @@ class Core:
         # connection_lost() that follows still wakes its caller.
         if error is not None:
             pending.error = error
-        elif pending.task is not None:
-            self._accept(pending.task, message)
-        elif pending.op in _CANCELLING_OPS:
-            # The broker sends the cancelled events first; this only mops up.
-            for task_id in field(message, "cancelled", list):
-                task = self._tasks.get(task_id) if type(task_id) is int else None
-                if task is not None:
-                    self._cancel(task, _CANCELLING_OPS[pending.op], "")
+        else:
+            validate_reply(pending.op, message)
+            if pending.task is not None:
+                self._accept(pending.task, message, orphaned=pending.orphaned)
+            elif pending.op in _CANCELLING_OPS:
+                # The broker sends the cancelled events first; this only mops up.
+                for task_id in message["cancelled"]:
+                    task = self._tasks.pop(task_id, None)
+                    if task is not None:
+                        error = BackgroundTaskCanceled(code=_CANCELLING_OPS[pending.op])
+                        self._decide(task, None, error)
         pending.reply = message
         del self._pending[pending.rid]
         pending.signal.set()
 
-    def _accept(self, task: TaskState[Any], reply: Message) -> None:
+    def _accept(self, task: TaskBase[Any], reply: Message, *, orphaned: bool) -> None:
         # Registered here, on the reading side, because the task's outcome event may be the
         # very next frame: before the caller that asked has even been woken.
-        task._id = field(reply, "task", int)
-        task._timeout = field(reply, "timeout", int)
+        task._id = reply["task"]
+        task._timeout = reply["timeout"]
         self._tasks[task._id] = task
+        task.page._pending += 1
+        self._note_pending(task.page)
+        if orphaned:
+            self._tasks.pop(task._id)
+            self._orphan(task)
 
-    def _outcome(self, message: Message) -> TaskState[Any] | None:
-        op = message["op"]
-        task_id = field(message, "task", int)
-        task = self._tasks.get(task_id)
+    def _arrive(self, task_id: int, results: dict[str, str] | None, error: PbtError | None) -> None:
+        task = self._tasks.pop(task_id, None)
         if task is None:
-            logger.debug("ignored %s event for task %d: unknown or already ended", op, task_id)
-            return None
-        if op == "cancelled":
-            code = field(message, "code", str)
-            self._cancel(task, code, field(message, "text", str))
-            return None
+            logger.debug("ignored an outcome for task %d: unknown or already ended", task_id)
+            return
         page = task.page
-        # BC's dispatch-time check: an outcome for a page that closed or moved on is a cancel.
+        # The page moved on before the outcome arrived: a cancel, decided now.
         if page.closed:
-            self._cancel(task, CANCELED_PAGE_CLOSED, f"page {page.name!r} was closed")
-            return None
+            text = f"page {page.name!r} was closed"
+            self._decide(task, None, BackgroundTaskCanceled(text, code=CancelReason.PAGE_CLOSED))
+            return
         if page.record_id != task.record_id:
             text = f"the page's record changed from {task.record_id!r} to {page.record_id!r}"
-            self._cancel(task, CANCELED_RECORD_CHANGED, text)
-            return None
-        if op == "completed":
-            self._resolve(task, field(message, "results", dict), None)
-            return task if page.on_completed is not None else None
-        error = BackgroundTaskError(
-            field(message, "text", str),
-            code=field(message, "code", str),
-            call_stack=field(message, "stack", str),
-            task_id=task_id,
-        )
-        self._resolve(task, None, error)
-        return task
+            error = BackgroundTaskCanceled(text, code=CancelReason.RECORD_CHANGED)
+            self._decide(task, None, error)
+            return
+        task._arrived = (results, error)
+        page._undecided[task.id] = task
+        self._work.append(task)
+        task._signal.set()  # waiters wake and decide for themselves
 
-    def _cancel(self, task: TaskState[Any], code: str, text: str) -> None:
-        text = text or f"task {task.id} was cancelled"
-        self._resolve(task, None, BackgroundTaskCanceled(text, code=code, task_id=task.id))
+    def decide(self, task: TaskBase[Any]) -> None:
+        """Make the one decision about an outcome that arrived (no-op once decided)."""
+        if not task._done and task._arrived is not None:
+            results, error = task._arrived
+            self._decide(task, results, error)
 
-    def _resolve(
-        self, task: TaskState[Any], results: dict[str, str] | None, error: PbtError | None
+    def _decide_moved(self, page: PageBase, code: CancelReason, text: str) -> None:
+        for task in list(page._undecided.values()):
+            if code is CancelReason.PAGE_CLOSED or task.record_id != page.record_id:
+                self._decide(task, None, BackgroundTaskCanceled(text, code=code))
+
+    def _decide(
+        self, task: TaskBase[Any], results: dict[str, str] | None, error: PbtError | None
     ) -> None:
-        del self._tasks[task.id]
+        if task._done:
+            return
+        if isinstance(error, BackgroundTaskCanceled | BackgroundTaskError):
+            error.task_id = task.id
+        page = task.page
+        page._undecided.pop(task.id, None)
+        task._arrived = None
         task._results = results
         task._error = error
         task._done = True
+        if task._id:
+            page._pending -= 1
+            self._note_pending(page)
         task._signal.set()
+
+    def _note_pending(self, page: PageBase) -> None:
+        if page.on_pending_changed is not None and page not in self._work:
+            self._work.append(page)
 
     # --- the end -------------------------------------------------------------------------
 
     def connection_lost(self, reason: str | None = None) -> None:
-        """Fail every pending request and unresolved task with ConnectionLost.
+        """Fail every pending request and every task without an outcome, ConnectionLost.
 
         ``reason`` says what broke (``None``: a clean end of stream); after a ``shutdown``
-        event the broker's own text is the reason, whatever the socket said.
+        event the broker's own text is the reason, whatever the socket said. Outcomes that
+        had arrived but were not yet decided end with it too: no trigger runs any more.
         """
         if self.ended:
             return
@@ -527,6 +667,9 @@ class Core:
         elif reason is None:
             reason = "the server closed the connection"
         self._lost = reason
+        for page in self._pages.values():  # the session is over: no trigger runs any more
+            for task in list(page._undecided.values()):
+                self._decide(task, None, ConnectionLost(reason))
         self._end(lambda: ConnectionLost(reason), lambda task: ConnectionLost(reason))
 
     def close(self) -> None:
@@ -535,51 +678,62 @@ class Core:
         self._closed_by_user = True
         if ended:
             return
+        for page in self._pages.values():
+            text = "the session was closed"
+            for task in list(page._undecided.values()):
+                error = BackgroundTaskCanceled(text, code=CancelReason.SESSION_CLOSED)
+                self._decide(task, None, error)
         self._end(
             lambda: ClientClosed("the session was closed"),
             lambda task: BackgroundTaskCanceled(
                 f"the session was closed before task {task.id} ended",
-                code=CANCELED_SESSION_CLOSED,
-                task_id=task.id,
+                code=CancelReason.SESSION_CLOSED,
             ),
         )
 
     def _end(
         self,
         request_error: Callable[[], PbtError],
-        task_error: Callable[[TaskState[Any]], PbtError],
+        task_error: Callable[[TaskBase[Any]], PbtError],
     ) -> None:
-        for page in self._pages.values():
-            page._closed = True  # queued triggers are skipped: the session is over
-        self._pages.clear()
         pending, self._pending = self._pending, {}
         for request in pending.values():
             request.error = request_error()
             request.signal.set()
-        for task in list(self._tasks.values()):
-            self._resolve(task, None, task_error(task))
+        tasks, self._tasks = self._tasks, {}
+        for task in tasks.values():
+            self._decide(task, None, task_error(task))
+        for page in self._pages.values():
+            page._closed = True
+        self._pages.clear()
 
     # --- triggers ------------------------------------------------------------------------
 
-    def dispatch(self, task: TaskState[Any]) -> Generator[Call, object, None]:
-        """Run one task's trigger and its error-level handling, step by step.
+    def dispatch(self, work: Work) -> Generator[Call, object, None]:
+        """Decide ``work`` and run what follows, step by step: a task's trigger and its
+        error-level handling, or a page's ``on_pending_changed``.
 
         Yields ``(callback, args)``; the driver calls it and sends back its return value, or
         throws in the exception it raised. Exceptions from triggers become ERROR
         notifications; an exception from ``on_notification`` is logged and swallowed.
         """
-        page = task.page
-        if page.closed or page.record_id != task.record_id:
-            logger.debug("task %d: page closed or record changed; trigger skipped", task.id)
+        if isinstance(work, PageBase):
+            yield from self._pending_changed(work)
             return
+        task = work
+        self.decide(task)
         error = task._error
+        if isinstance(error, BackgroundTaskCanceled | ConnectionLost):
+            logger.debug("task %d: %s; no trigger", task.id, error.code)
+            return
+        page = task.page
         note: Notification | None = None
         try:
             if error is None:
                 if page.on_completed is not None:
                     yield page.on_completed, (task.id, task._results)
             else:
-                assert isinstance(error, BackgroundTaskError)
+                assert isinstance(error, BackgroundTaskError), error
                 handled: object = False
                 if page.on_error is not None:
                     args = (task.id, error.code, error.text, error.call_stack)
@@ -590,13 +744,39 @@ class Core:
                     )
         except GeneratorExit:
             raise
-        except BaseException as exc:  # a trigger raised: always severity ERROR (BC)
+        except BaseException as exc:  # a trigger raised: always severity ERROR
             # BaseException too: a trigger's SystemExit must not end the dispatcher, or no
             # later trigger would ever run.
             stack = "".join(traceback.format_exception(exc))
             note = self._notification(task, ErrorLevel.ERROR, type(exc).__name__, str(exc), stack)
-        if note is None:
+        if note is not None:
+            yield from self._notify(note)
+
+    def _pending_changed(self, page: PageBase) -> Generator[Call, object, None]:
+        callback = page.on_pending_changed
+        count = page._pending
+        if callback is None or count == page._pending_told:
             return
+        page._pending_told = count
+        try:
+            yield callback, (count,)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            stack = "".join(traceback.format_exception(exc))
+            note = Notification(
+                ErrorLevel.ERROR,
+                self.session_id,
+                page.id,
+                page.name,
+                0,
+                type(exc).__name__,
+                str(exc),
+                stack,
+            )
+            yield from self._notify(note)
+
+    def _notify(self, note: Notification) -> Generator[Call, object, None]:
         level = logging.WARNING if note.severity is ErrorLevel.WARNING else logging.ERROR
         logger.log(
             level,
@@ -619,12 +799,25 @@ class Core:
             logger.exception("on_notification raised; ignored")
 
     def _notification(
-        self, task: TaskState[Any], severity: ErrorLevel, code: str, text: str, stack: str
+        self, task: TaskBase[Any], severity: ErrorLevel, code: str, text: str, stack: str
     ) -> Notification:
         page = task.page
         return Notification(
             severity, self.session_id, page.id, page.name, task.id, code, text, stack
         )
+
+
+_LEVELS: Final = frozenset(ErrorLevel)
+
+
+class _NoSignal:
+    def set(self) -> None:
+        pass
+
+
+def is_due(work: Work) -> bool:
+    """A task's trigger may run once the call that returned its TaskId has returned."""
+    return isinstance(work, PageBase) or work._returned or work._done
 
 
 class SessionBase:

@@ -11,7 +11,8 @@
         print(await task.result(timeout=5))
 
 The transport's protocol callbacks feed the shared core and resolve replies and handles;
-one dispatcher task runs triggers and notifications one at a time, in completion order.
+one dispatcher task runs triggers and notifications one at a time, in completion order. It
+works on any asyncio loop, uvloop's included.
 """
 
 from __future__ import annotations
@@ -20,40 +21,51 @@ import asyncio
 import inspect
 import os
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from pbt_server.client._core import (
-    Address,
-    Call,
-    Core,
-    ErrorLevel,
-    Notification,
-    PageState,
-    SessionBase,
-    TaskState,
-    check_text,
-    describe_address,
-    field,
-    resolve_address,
-    status_fields,
-)
-from pbt_server.errors import (
+# The names both flavours share come from the blocking one; __all__ is checked equal to its.
+from pbt_server.client import (
     AuthenticationFailed,
     BackgroundTaskCanceled,
     BackgroundTaskError,
     ClientClosed,
     ConnectionLost,
+    EnqueueError,
+    ErrorLevel,
     InvalidParameters,
+    MemoryBudgetExceeded,
+    NotAllowed,
+    Notification,
     PageClosed,
     PbtError,
-    ProtocolError,
     QueueFull,
+    ServerBusy,
     ServerShuttingDown,
     UnknownCodeunit,
+    _from_config,
+    _hello_fields,
 )
-from pbt_server.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Message
+from pbt_server.client._core import (
+    DEFAULT_KEEPALIVE,
+    Address,
+    AddressArg,
+    Call,
+    Core,
+    PageBase,
+    SessionBase,
+    TaskBase,
+    Work,
+    check_text,
+    describe_address,
+    is_due,
+    refuse_in_child_session,
+    resolve_addresses,
+    status_fields,
+)
+from pbt_server.errors import ProtocolError
+from pbt_server.protocol import DEFAULT_MAX_FRAME, FrameDecoder
 
 __all__ = [
     "AuthenticationFailed",
@@ -62,13 +74,17 @@ __all__ = [
     "BackgroundTaskError",
     "ClientClosed",
     "ConnectionLost",
+    "EnqueueError",
     "ErrorLevel",
     "InvalidParameters",
+    "MemoryBudgetExceeded",
+    "NotAllowed",
     "Notification",
     "Page",
     "PageClosed",
     "PbtError",
     "QueueFull",
+    "ServerBusy",
     "ServerShuttingDown",
     "Session",
     "UnknownCodeunit",
@@ -77,100 +93,167 @@ __all__ = [
 
 
 async def connect(
-    address: str | os.PathLike[str] | tuple[str, int] | None = None,
+    address: AddressArg | Sequence[AddressArg] | None = None,
     *,
     token: str = "",
-    timeout: float = 10.0,  # noqa: ASYNC109 (the blocking API's signature, SPEC §6)
+    timeout: float = 10.0,  # noqa: ASYNC109 (the blocking API's signature)
     max_frame: int = DEFAULT_MAX_FRAME,
+    context: Mapping[str, str] | None = None,
+    keepalive: float | None = DEFAULT_KEEPALIVE,
+    config: str | os.PathLike[str] | None = None,
+    operator: bool = False,
 ) -> Session:
     """Connect to a pbt-server broker and open a session.
 
     Args:
-        address: a Unix socket path, or a ``(host, port)`` pair for TCP. ``None`` uses
-            ``$PBT_SOCKET``, else ``var/pbt.sock``.
+        address: a Unix socket path, a ``(host, port)`` pair for TCP, or a list of them
+            tried in order (the first that answers wins). ``None`` uses ``config`` if
+            given, else ``$PBT_SOCKET``, else ``var/pbt.sock``.
         token: the server's ``AuthToken`` (required on TCP, ignored on the Unix socket).
         timeout: seconds to wait for the connection and the broker's hello reply.
         max_frame: the largest frame accepted from the broker, in bytes.
+        context: the session's context (user id, company, language...), ``str`` to
+            ``str``; every task of the session sees it as ``ctx.context``.
+        keepalive: seconds of silence on the line before the client pings the broker; a
+            broker that does not answer within as long again is taken for lost
+            (``ConnectionLost``). ``None`` or 0: never.
+        config: a ``server.ini`` to find the server by, as the server does (its
+            ``PBT_*`` overrides apply): its socket, or its TCP address and token.
+        operator: an operator's connection, for ``status`` and ``ping`` only; it does not
+            count against ``MaxConnections``, so it works when the server is full.
 
     Returns:
         The open session; use it with ``async with`` to close it.
 
     Raises:
         ConnectionLost: the broker could not be reached or did not answer in time.
+        NotAllowed: called inside a child session (a codeunit cannot start tasks).
         PbtError: the broker refused the hello (e.g. ``AuthenticationFailed``).
     """
+    refuse_in_child_session()
     if not isinstance(token, str):
         raise TypeError(f"token must be a str, not {type(token).__name__}")
-    resolved = resolve_address(address)
-    where = describe_address(resolved)
+    fields = _hello_fields(token, context, operator)
+    if address is None and config is not None:
+        address, fields["token"] = _from_config(config, token)
     loop = asyncio.get_running_loop()
-    connection = _Connection(Core(max_frame=max_frame), max_frame, where)
-    try:
-        async with asyncio.timeout(timeout):
-            if isinstance(resolved, tuple):
-                await loop.create_connection(lambda: connection, *resolved)
-            else:
-                await loop.create_unix_connection(lambda: connection, resolved)
-    except OSError as err:  # TimeoutError included
-        detail = str(err) or f"no connection within {timeout} s"
-        raise ConnectionLost(f"cannot connect to {where}: {detail}") from err
-    session = Session(connection, resolved)
-    try:
-        await session._hello(token, timeout)
-    except BaseException:
-        await session.close()
-        raise
-    return session
+    errors: list[str] = []
+    for resolved in resolve_addresses(address):
+        where = describe_address(resolved)
+        connection = _Connection(Core(max_frame=max_frame), max_frame, where, keepalive)
+        try:
+            async with asyncio.timeout(timeout):
+                factory = _factory(connection)
+                if isinstance(resolved, tuple):
+                    await loop.create_connection(factory, *resolved)
+                else:
+                    await loop.create_unix_connection(factory, resolved)
+        except OSError as err:  # TimeoutError included
+            detail = str(err) or f"no connection within {timeout} s"
+            errors.append(f"cannot connect to {where}: {detail}")
+            continue
+        session = Session(connection, resolved)
+        try:
+            await session._hello(fields, timeout)
+        except BaseException:
+            await session.close()
+            raise
+        return session
+    raise ConnectionLost("; ".join(errors))
+
+
+def _factory(connection: _Connection) -> Callable[[], _Connection]:
+    return lambda: connection
 
 
 class _Connection(asyncio.Protocol):
     """The transport's callbacks: frames in, core updated, triggers queued."""
 
-    def __init__(self, core: Core, max_frame: int, where: str) -> None:
+    def __init__(self, core: Core, max_frame: int, where: str, keepalive: float | None) -> None:
         self.core = core
         self.where = where
         self.decoder = FrameDecoder(max_frame, trusted=True)
-        self.work: asyncio.Queue[TaskState[Any] | None] = asyncio.Queue()
-        self.disconnected = asyncio.get_running_loop().create_future()
+        self.work: asyncio.Queue[Work | None] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.disconnected = self.loop.create_future()
         self.transport: asyncio.Transport | None = None
+        self.keepalive = keepalive or None
+        self._heard = True  # something arrived since the last keepalive check
+        self._pinged = False
+        self._keepalive_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; the methods are the same.
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.keepalive is not None:
+            self._keepalive_timer = self.loop.call_later(self.keepalive, self._check_alive)
 
     def data_received(self, data: bytes) -> None:
+        self._heard = True
+        self._pinged = False
         try:
             for message in self.decoder.feed(data):
-                task = self.core.receive(message)
-                if task is not None:
-                    self.work.put_nowait(task)
+                self.core.receive(message)
         except ConnectionLost as err:
             self.lose(err.text)
         except ProtocolError as err:
             self.lose(f"bad frame from the server: {err.text}")
+        self.flush()
+
+    def flush(self) -> None:
+        """Queue what became due; send the cancels of abandoned enqueues."""
+        for work in self.core.take_work():
+            self.work.put_nowait(work)
+        for frame in self.core.take_orphans():
+            self.send(frame)
 
     def eof_received(self) -> bool | None:
-        self.lose(None)  # a clean end of stream
+        pending = self.decoder.pending
+        if pending:
+            self.lose(
+                f"the connection ended inside a frame ({pending} bytes of it arrived): truncated"
+            )
+        else:
+            self.lose(None)  # a clean end of stream
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
         reason = f"connection to {self.where} broke: {exc}" if exc else None
         self.core.connection_lost(reason)  # no-op after close() or lose()
-        self.work.put_nowait(None)  # after any queued work: skipped, the pages are closed
+        self.flush()
+        self.work.put_nowait(None)  # after any queued work: decided cancelled or lost
         if not self.disconnected.done():
             self.disconnected.set_result(None)
 
     def lose(self, reason: str | None) -> None:
         self.core.connection_lost(reason)
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
     def send(self, frame: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(frame)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    def _check_alive(self) -> None:
+        assert self.keepalive is not None
+        if self.core.ended:
+            return
+        if not self._heard:
+            if self._pinged:
+                text = f"the server did not answer a keepalive ping within {self.keepalive} s"
+                self.lose(text)
+                return
+            self._pinged = True
+            _, frame = self.core.request("ping", {}, asyncio.Event())
+            self.send(frame)
+        self._heard = False
+        self._keepalive_timer = self.loop.call_later(self.keepalive, self._check_alive)
 
 
 async def _run_dispatch(steps: Generator[Call, object, None]) -> None:
@@ -221,7 +304,7 @@ class Session(SessionBase):
         name = check_text("name", name)
         record_id = check_text("record_id", record_id)
         reply = await self._request("open_page", {"name": name, "record": record_id})
-        page = Page(self, field(reply, "page", int), name, record_id)
+        page = Page(self, reply["page"], name, record_id)
         self._core.add_page(page)
         return page
 
@@ -235,7 +318,7 @@ class Session(SessionBase):
         await self._request("ping", {})
 
     async def status(self) -> dict[str, object]:
-        """The broker's status: ``sessions`` and ``workers``, each a list of maps.
+        """The broker's status: ``server``, ``sessions`` and ``workers``.
 
         Raises:
             ClientClosed: the session was closed.
@@ -251,6 +334,7 @@ class Session(SessionBase):
         """
         self._core.close()
         connection = self._connection
+        connection.flush()
         if connection.transport is not None:
             connection.transport.close()
             await connection.disconnected
@@ -271,10 +355,9 @@ class Session(SessionBase):
     ) -> None:
         await self.close()
 
-    async def _hello(self, token: str, seconds: float) -> None:
-        hello = {"protocol": PROTOCOL_VERSION, "token": token}
+    async def _hello(self, fields: dict[str, object], seconds: float) -> None:
         try:
-            reply = await self._request("hello", hello, seconds=seconds)
+            reply = await self._request("hello", fields, seconds=seconds)
         except TimeoutError as err:
             where = describe_address(self._address)
             raise ConnectionLost(f"{where}: no answer to hello within {seconds} s") from err
@@ -291,37 +374,44 @@ class Session(SessionBase):
         self,
         op: str,
         fields: dict[str, object],
-        task: TaskState[Any] | None = None,
+        task: TaskBase[Any] | None = None,
         seconds: float | None = None,
-    ) -> Message:
+    ) -> dict[str, Any]:
         event = asyncio.Event()
         pending, frame = self._core.request(op, fields, event, task)
         self._connection.send(frame)
         try:
             async with asyncio.timeout(seconds):
                 await event.wait()
-        except BaseException:  # timed out or cancelled: a late answer is ignored
+        except BaseException:
+            # Timed out or cancelled: a late answer is ignored, and a task it enqueued is
+            # cancelled as soon as its id is known (no task without an owner).
             self._core.abandon(pending)
+            self._connection.flush()
             raise
         return pending.result()
 
     async def _dispatch(self) -> None:
-        work = self._connection.work
-        while (task := await work.get()) is not None:
-            await _run_dispatch(self._core.dispatch(task))
+        work_queue = self._connection.work
+        while (work := await work_queue.get()) is not None:
+            if not is_due(work):
+                assert isinstance(work, BackgroundTask)
+                await work._returned_event.wait()  # the caller has its TaskId first
+            if isinstance(work, TaskBase):
+                self._core.decide(work)
+                self._connection.flush()
+            await _run_dispatch(self._core.dispatch(work))
 
 
-class Page(PageState):
+class Page(PageBase):
     """A page opened in a session (:meth:`Session.open_page`).
 
-    Set ``on_completed(task_id, results)`` and ``on_error(task_id, code, text, call_stack)
-    -> is_handled`` to receive task outcomes: plain functions or ``async def``, run one at
-    a time by the session's dispatcher task.
+    Set ``on_completed(task_id, results)``, ``on_error(task_id, code, text, call_stack)
+    -> is_handled`` and ``on_pending_changed(count)`` to follow its tasks: plain functions
+    or ``async def``, run one at a time by the session's dispatcher task.
     """
 
-    def __init__(self, session: Session, page_id: int, name: str, record_id: str) -> None:
-        super().__init__(page_id, name, record_id)
-        self._session = session
+    _session: Session
 
     @property
     def session(self) -> Session:
@@ -345,13 +435,15 @@ class Page(PageState):
             error_level: how an unhandled failure is surfaced.
 
         Returns:
-            The task handle.
+            The task handle. Its triggers run only after this call has returned; if the
+            call is cancelled instead, the task is cancelled too.
 
         Raises:
             InvalidParameters: a bad argument (checked before anything is sent).
             PageClosed: the page was closed.
             QueueFull: the session already has the maximum number of tasks waiting.
             UnknownCodeunit: no codeunit has that id.
+            MemoryBudgetExceeded: the server's memory budget is spent.
             ServerShuttingDown: the server is stopping.
             ClientClosed: the session was closed.
             ConnectionLost: the connection broke.
@@ -360,6 +452,31 @@ class Page(PageState):
         task = BackgroundTask(self)
         fields = session._core.enqueue(self, task, codeunit_id, parameters, timeout, error_level)
         await session._request("enqueue", fields, task)
+        task._returned = True
+        task._returned_event.set()
+        return task
+
+    async def try_enqueue_background_task(
+        self,
+        codeunit_id: int,
+        parameters: dict[str, str] | None = None,
+        timeout: int | None = None,  # noqa: ASYNC109 (the task's timeout in ms, not a wait)
+        error_level: ErrorLevel | str = ErrorLevel.ERROR,
+    ) -> BackgroundTask | None:
+        """Business Central's ``Ok := CurrPage.EnqueueBackgroundTask(...)``: the same as
+        :meth:`enqueue_background_task`, but a refusal returns None instead of raising; the
+        reason is then :attr:`last_enqueue_error` (with its ``.code``).
+
+        Raises:
+            ClientClosed: the session was closed (a misuse, not a refusal).
+            ConnectionLost: the connection broke.
+        """
+        try:
+            task = await self.enqueue_background_task(codeunit_id, parameters, timeout, error_level)
+        except (EnqueueError, ServerBusy) as err:
+            self.last_enqueue_error = err
+            return None
+        self.last_enqueue_error = None
         return task
 
     async def cancel_background_task(self, task_id: int) -> bool:
@@ -376,8 +493,10 @@ class Page(PageState):
             ClientClosed: the session was closed.
         """
         session = self._session
-        if not session._core.should_cancel(self, task_id):
-            return False
+        local = session._core.cancel(self, task_id)
+        session._connection.flush()
+        if local is not None:
+            return local
         try:
             reply = await session._request("cancel", {"task": task_id})
         except ConnectionLost:
@@ -394,7 +513,9 @@ class Page(PageState):
             ConnectionLost: the connection broke.
         """
         session = self._session
-        await session._request("set_record", session._core.set_record(self, record_id))
+        fields = session._core.set_record(self, record_id)
+        session._connection.flush()
+        await session._request("set_record", fields)
 
     async def close(self) -> None:
         """Close the page; its tasks are cancelled. Idempotent.
@@ -404,16 +525,27 @@ class Page(PageState):
             ConnectionLost: the connection broke.
         """
         session = self._session
-        if session._core.close_page(self):
+        closing = session._core.close_page(self)
+        session._connection.flush()
+        if closing:
             await session._request("close_page", {"page": self.id})
 
 
-class BackgroundTask(TaskState[Page]):
+class BackgroundTask(TaskBase[Page]):
     """The handle of an enqueued task: a future resolved exactly once."""
 
     def __init__(self, page: Page) -> None:
         self._event = asyncio.Event()
+        self._returned_event = asyncio.Event()
         super().__init__(page, self._event)
+
+    def done(self) -> bool:
+        """Return True once the task has its outcome (results, error or cancellation).
+
+        Only :meth:`result` and :meth:`exception` take the outcome, and so decide it: an
+        outcome nobody took yet becomes a cancellation if the page moves on first.
+        """
+        return self._done or self._arrived is not None
 
     async def result(self, timeout: float | None = None) -> dict[str, str]:  # noqa: ASYNC109
         """Wait for the task's outcome.
@@ -447,10 +579,16 @@ class BackgroundTask(TaskState[Page]):
         return await self.page.cancel_background_task(self.id)
 
     async def _wait(self, seconds: float | None) -> None:
-        if self._done:
-            return
-        try:
-            async with asyncio.timeout(seconds):
-                await self._event.wait()
-        except TimeoutError as err:
-            raise TimeoutError(f"task {self.id} has no outcome after {seconds} s") from err
+        if not self._done:
+            try:
+                async with asyncio.timeout(seconds):
+                    await self._event.wait()
+            except TimeoutError as err:
+                raise TimeoutError(f"task {self.id} has no outcome after {seconds} s") from err
+        self._decide()
+
+    def _decide(self) -> None:
+        if not self._done and self._arrived is not None:
+            session = self.page.session
+            session._core.decide(self)
+            session._connection.flush()

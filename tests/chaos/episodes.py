@@ -25,14 +25,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 from pbt_server import client as blocking
 from pbt_server.client import aio
-from pbt_server.errors import (
-    CANCELED_PAGE_CLOSED,
-    CANCELED_RECORD_CHANGED,
-    CANCELED_SESSION_CLOSED,
-    ConnectionLost,
-    EnqueueError,
-    PbtError,
-)
+from pbt_server.errors import CancelReason, ConnectionLost, EnqueueError, PbtError
 from tests.chaos.ledger import TIMING_OUT, Ledger, Outcome, PageRec, TaskRec, classify
 from tests.chaos_codeunits import CHAOS
 
@@ -361,7 +354,7 @@ class Episode:
         page.settled_gen = page.gen
         for rec in affected:
             await self.sweep_one(rec)
-        self.ledger.expect_done(affected, "set_record()", {CANCELED_RECORD_CHANGED})
+        self.ledger.expect_done(affected, "set_record()", {CancelReason.RECORD_CHANGED})
 
     async def close_page(self, page: PageRec) -> None:
         self.ledger.counts["page_close"] += 1
@@ -374,7 +367,7 @@ class Episode:
         self.pages.remove(page)
         for rec in affected:
             await self.sweep_one(rec)
-        self.ledger.expect_done(affected, "page.close()", {CANCELED_PAGE_CLOSED})
+        self.ledger.expect_done(affected, "page.close()", {CancelReason.PAGE_CLOSED})
         await self.open_page()
 
     async def finish(self, ending: str) -> None:
@@ -395,7 +388,7 @@ class Episode:
             ledger.ended = "close"
             await self.io.call(self.session.close)
             await self.sweep()
-            ledger.expect_done(affected, "session.close()", {CANCELED_SESSION_CLOSED})
+            ledger.expect_done(affected, "session.close()", {CancelReason.SESSION_CLOSED})
         else:
             ledger.ended = "abort"
             await self.io.break_connection(self.session)

@@ -46,8 +46,8 @@ from typing import Any, Final
 import psutil
 
 from pbt_server import client as blocking
+from pbt_server.config import load_config
 from pbt_server.errors import PbtError
-from pbt_server.watchdog import ACK_TIMEOUT
 from tests.broker_process import REPO, BrokerProcess, alive
 from tests.chaos.episodes import NORMAL_TIMEOUT_MS
 from tests.chaos.ledger import classify
@@ -57,6 +57,8 @@ MARKER: Final = "PBT_CHAOS_RUN"  # in the broker's environment, inherited by all
 PR_SET_CHILD_SUBREAPER: Final = 36
 # A frozen worker holding a task is dead by then: its task timed out, or (never acknowledged)
 # the broker's ack deadline gave up on it.
+# A frozen worker is given up on after AckTimeout: hold STOPs past both it and the timeout.
+ACK_TIMEOUT: Final = load_config(None, environ={}).workers.ack_timeout_ms / 1000
 STOP_HOLD: Final = max(NORMAL_TIMEOUT_MS / 1000, ACK_TIMEOUT) + 2.5
 
 

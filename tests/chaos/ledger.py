@@ -15,14 +15,10 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from pbt_server.errors import (
-    CANCELED_BY_ID,
-    CANCELED_PAGE_CLOSED,
-    CANCELED_RECORD_CHANGED,
-    CANCELED_SESSION_CLOSED,
-    TASK_CRASHED,
-    TASK_TIMEOUT,
     BackgroundTaskCanceled,
     BackgroundTaskError,
+    CancelReason,
+    ChildSessionCode,
     ConnectionLost,
     PbtError,
 )
@@ -83,6 +79,9 @@ class TaskRec:
     enqueued_at: float = 0.0
     cancel_result: bool | None = None
     first: Outcome | None = None  # the outcome first seen on the handle
+    # Reading the handle decides the task: if it was read before its page moved on, its
+    # trigger is bound to run, afterwards too (one decision per task).
+    decided_on_record: bool = False
     final: Outcome | None = None  # the handle's outcome when the session ended
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -232,6 +231,7 @@ class Ledger:
         """The handle has ``outcome``; True if that is news (the first outcome seen)."""
         if rec.first is None:
             rec.first = outcome
+            rec.decided_on_record = rec.page.gen == rec.gen and not rec.page.closing
             return True
         return False
 
@@ -243,7 +243,7 @@ class Ledger:
         self.counts["cancel_true"] += result
         if rec.first is None:
             self.violation(f"not resolved when cancel() returned {result}", rec)
-        elif result and rec.first[:2] != ("cancelled", CANCELED_BY_ID):
+        elif result and rec.first[:2] != ("cancelled", CancelReason.CANCELED):
             self.violation("cancel() returned True, the handle says otherwise", rec)
 
     def expect_done(self, recs: list[TaskRec], after: str, codes: set[str]) -> None:
@@ -338,20 +338,20 @@ class Ledger:
             if code == RAISED_CODE:
                 if rec.mode != "raise" or f"{rec.token} (task {rec.task_id})" not in text:
                     self.violation(f"error text {text!r} is not this task's", rec)
-            elif code == TASK_TIMEOUT:
+            elif code == ChildSessionCode.TASK_TIMEOUT:
                 if rec.mode not in TIMING_OUT:
                     counts["unexpected_timeout"] += 1
-            elif code == TASK_CRASHED:
+            elif code == ChildSessionCode.CRASHED:
                 if rec.mode not in CRASHING:
                     counts["unexpected_crash"] += 1
             else:
                 self.violation(f"unexpected error code {code}: {text:.200}", rec)
         elif kind == "cancelled":
-            allowed = {
-                CANCELED_BY_ID: rec.cancel_result is True,
-                CANCELED_RECORD_CHANGED: rec.page.gen != rec.gen,
-                CANCELED_PAGE_CLOSED: rec.page.closing,
-                CANCELED_SESSION_CLOSED: self.ended in ("close", "stalled", "broken"),
+            allowed: dict[str, bool] = {
+                CancelReason.CANCELED: rec.cancel_result is True,
+                CancelReason.RECORD_CHANGED: rec.page.gen != rec.gen,
+                CancelReason.PAGE_CLOSED: rec.page.closing,
+                CancelReason.SESSION_CLOSED: self.ended in ("close", "stalled", "broken"),
             }
             if not allowed.get(code, False):
                 self.violation(f"cancelled with {code}, which nothing asked for", rec)
@@ -360,7 +360,7 @@ class Ledger:
                 self.violation("ConnectionLost on a connection nobody broke", rec)
         else:
             self.violation(f"unexpected outcome {code}: {text:.200}", rec)
-        if rec.cancel_result is True and (kind, code) != ("cancelled", CANCELED_BY_ID):
+        if rec.cancel_result is True and (kind, code) != ("cancelled", CancelReason.CANCELED):
             self.violation("cancel() returned True but the task was not cancelled by id", rec)
         return self._verify_triggers(rec, out)
 
@@ -373,19 +373,22 @@ class Ledger:
             if page_id != rec.page.id:
                 self.violation(f"outcome event for page {page_id}", rec)
         resolved_locally = kind == "lost" or (
-            kind == "cancelled" and code == CANCELED_SESSION_CLOSED
+            kind == "cancelled" and code == CancelReason.SESSION_CLOSED
         )
         if resolved_locally:
-            if raw and self.strict:
+            # An outcome that arrived but was not yet decided ends with the session too.
+            if raw and self.strict and raw[0][0] not in ("completed", "failed"):
                 self.violation("a broker event arrived, yet the task ended locally", rec)
             return
         if len(raw) != 1:
             self.violation(f"{kind} {code} without exactly one broker event", rec)
             return
         op, raw_code = raw[0][:2]
-        locally_cancelled = kind == "cancelled" and code in (
-            CANCELED_RECORD_CHANGED,
-            CANCELED_PAGE_CLOSED,
+        # An outcome that arrived is decided cancelled if its page moves on, or it is
+        # cancelled by id, before anything read it: no trigger, and the handle says so.
+        locally_cancelled = kind == "cancelled" and (
+            code in (CancelReason.RECORD_CHANGED, CancelReason.PAGE_CLOSED)
+            or (code == CancelReason.CANCELED and rec.cancel_result is True)
         )
         consistent = (
             (kind == "completed" and op == "completed")
@@ -404,7 +407,7 @@ class Ledger:
             self.violation(f"{len(triggers)} triggers ran", rec)
         if not triggers:
             page = rec.page
-            untouched = page.gen == rec.gen and not page.closing
+            untouched = (page.gen == rec.gen and not page.closing) or rec.decided_on_record
             if kind in ("completed", "error") and untouched and self.ended == "natural":
                 self.violation("no trigger ran for a completed / failed task", rec)
             return None
@@ -423,7 +426,7 @@ class Ledger:
             moved = trigger.gen != rec.gen or trigger.closing
         else:
             moved = trigger.settled_gen != rec.gen or trigger.closed
-        if moved:
+        if moved and not rec.decided_on_record:
             self.violation("a trigger ran after the page moved to another record / closed", rec)
         if trigger.kind == "completed":
             if trigger.payload != results:

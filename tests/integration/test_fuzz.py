@@ -47,14 +47,15 @@ from hypothesis.stateful import (
 
 from pbt_server import server
 from pbt_server.client import Session
-from pbt_server.protocol import FrameDecoder, encode_frame
+from pbt_server.errors import known_codes
+from pbt_server.protocol import REQUESTS, FrameDecoder, encode_frame
 from tests import codeunits as cu
 from tests.broker_process import BrokerProcess
 from tests.support import wait_until
 
 MAX_FRAME: Final = 65536  # small, so oversize and near-limit frames stay cheap
 # Before hello the broker reads smaller frames (nobody unauthenticated makes it buffer much).
-HELLO_MAX_FRAME: Final[int] = getattr(server, "HELLO_MAX_FRAME", MAX_FRAME)
+HELLO_MAX_FRAME: Final[int] = server.HELLO_MAX_FRAME
 DEFAULT_TIMEOUT_MS: Final = 120_000
 MAX_TIMEOUT_MS: Final = 600_000
 PING_BOUND: Final = 5.0  # seconds the prober's ping may take (a loaded 2-core machine)
@@ -65,19 +66,7 @@ EXAMPLES: Final = int(os.environ.get("PBT_FUZZ_EXAMPLES", "0"))
 SCALE: Final = float(os.environ.get("PBT_FUZZ_SCALE", "1"))
 INT64_MAX: Final = (1 << 63) - 1
 
-KNOWN_CODES: Final = frozenset(
-    {
-        "ProtocolError",
-        "AuthenticationFailed",
-        "PageNotFound",
-        "PageClosed",
-        "UnknownCodeunit",
-        "InvalidParameters",
-        "ChildSessionQueueFull",
-        "ServerShuttingDown",
-        "ServerBusy",
-    }
-)
+KNOWN_CODES: Final = known_codes()  # every code the server may send
 FATAL: Final = frozenset({"ProtocolError", "AuthenticationFailed"})
 ANSWER_OPS: Final = frozenset({"reply", "error"})
 EVENT_OPS: Final = frozenset({"completed", "failed", "cancelled", "shutdown"})
@@ -396,22 +385,31 @@ def exchange(
 
 # --- strategies ---------------------------------------------------------------------------------
 
-TEMPLATES: Final[dict[str, dict[str, object]]] = {
-    "hello": {"protocol": 1, "token": ""},
-    "open_page": {"name": "Fuzz", "record": "R1"},
-    "set_record": {"page": 1, "record": "R2"},
-    "close_page": {"page": 1},
-    "enqueue": {
-        "page": 1,
-        "codeunit": cu.ECHO,
-        "parameters": {"k": "v"},
-        "timeout": 1000,
-        "level": "Error",
-    },
-    "cancel": {"task": 1},
-    "ping": {},
-    "status": {},
+# A valid value for each field kind of the declared requests, and where an op needs more.
+_VALID_BY_KIND: Final[dict[str, object]] = {
+    "id": 1,
+    "text": "R1",
+    "int|nil": 1000,
+    "any": {"k": "v"},
+    "{text: text}": {"k": "v"},
+    "bool": False,
 }
+_VALID_FOR: Final[dict[str, dict[str, object]]] = {
+    "hello": {"protocol": 1, "token": ""},
+    "open_page": {"name": "Fuzz"},
+    "set_record": {"record": "R2"},
+    "enqueue": {"codeunit": cu.ECHO, "level": "Error"},
+}
+
+
+def _template(op: str) -> dict[str, object]:
+    shape = REQUESTS.shape(op)
+    fields = {name: _VALID_BY_KIND[spec.kind] for name, spec in shape.required if name != "rid"}
+    return {**fields, **_VALID_FOR.get(op, {})}
+
+
+# Every declared request, valid: a new op is fuzzed as soon as it is declared.
+TEMPLATES: Final[dict[str, dict[str, object]]] = {op: _template(op) for op in REQUESTS.ops}
 FIELDS: Final = [(op, name) for op, fields in TEMPLATES.items() for name in ("op", "rid", *fields)]
 
 edge_ints = st.sampled_from([-(1 << 63), -1, 0, 1, 2, INT64_MAX, 1 << 63, (1 << 64) - 1])

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import pytest
 
 from pbt_server.errors import (
-    CANCELED_BY_ID,
-    CANCELED_RECORD_CHANGED,
     BackgroundTaskCanceled,
     BackgroundTaskError,
+    CancelReason,
     ConnectionLost,
     PbtError,
 )
@@ -123,8 +122,10 @@ def test_an_outcome_event_for_another_page_is_caught() -> None:
 def test_a_cancel_nobody_asked_for_is_caught() -> None:
     ledger, page = make_ledger()
     rec = enqueue(ledger, page)
-    ledger.on_frame({"op": "cancelled", "task": rec.task_id, "page": 1, "code": CANCELED_BY_ID})
-    ledger.observe(rec, ("cancelled", CANCELED_BY_ID, "", None))
+    ledger.on_frame(
+        {"op": "cancelled", "task": rec.task_id, "page": 1, "code": CancelReason.CANCELED}
+    )
+    ledger.observe(rec, ("cancelled", CancelReason.CANCELED, "", None))
     rec.final = rec.first
     assert any("which nothing asked for" in v for v in verified(ledger))
 
@@ -134,9 +135,9 @@ def test_a_record_change_explains_its_cancellation() -> None:
     rec = enqueue(ledger, page)
     page.gen += 1  # set_record began
     ledger.on_frame({"op": "completed", "task": rec.task_id, "page": 1, "results": {}})
-    ledger.observe(rec, ("cancelled", CANCELED_RECORD_CHANGED, "", None))
+    ledger.observe(rec, ("cancelled", CancelReason.RECORD_CHANGED, "", None))
     page.settled_gen = page.gen
-    ledger.expect_done([rec], "set_record()", {CANCELED_RECORD_CHANGED})
+    ledger.expect_done([rec], "set_record()", {CancelReason.RECORD_CHANGED})
     rec.final = rec.first
     assert verified(ledger) == []
 
@@ -165,7 +166,7 @@ def test_an_outcome_that_changes_is_caught() -> None:
     ledger, page = make_ledger()
     rec = enqueue(ledger, page)
     complete(ledger, rec)
-    rec.final = ("cancelled", CANCELED_BY_ID, "", None)
+    rec.final = ("cancelled", CancelReason.CANCELED, "", None)
     assert any("the handle's outcome changed" in v for v in verified(ledger))
 
 
@@ -182,12 +183,12 @@ def test_task_ids_must_count_up() -> None:
     [
         (None, ("completed", "", "", {"a": "b"})),
         (
-            BackgroundTaskCanceled("x", code=CANCELED_BY_ID),
-            ("cancelled", CANCELED_BY_ID, "x", None),
+            BackgroundTaskCanceled("x", code=CancelReason.CANCELED),
+            ("cancelled", CancelReason.CANCELED, "x", None),
         ),
         (BackgroundTaskError("boom", code="E1"), ("error", "E1", "boom", None)),
         (ConnectionLost("gone"), ("lost", "ConnectionLost", "gone", None)),
-        (PbtError("odd", code="Odd"), ("other", "Odd", "Odd: odd", None)),
+        (PbtError("odd", code="Odd"), ("other", "Odd", "odd", None)),
         (ValueError("v"), ("other", "ValueError", "v", None)),
     ],
 )

@@ -12,13 +12,14 @@ import pytest
 from pbt_server.client._core import (
     DEFAULT_SOCKET,
     Core,
-    ErrorLevel,
     Notification,
-    PageState,
+    PageBase,
     PendingRequest,
-    TaskState,
+    TaskBase,
+    Work,
+    check_context,
     check_text,
-    resolve_address,
+    resolve_addresses,
     run_dispatch,
     status_fields,
 )
@@ -34,7 +35,7 @@ from pbt_server.errors import (
     QueueFull,
     UnknownCodeunit,
 )
-from pbt_server.protocol import MAX_TEXT, Enqueue, FrameDecoder, Message, parse_request
+from pbt_server.protocol import MAX_TEXT, REQUESTS, ErrorLevel, FrameDecoder, Message
 
 CODEUNIT = 50100
 
@@ -54,33 +55,53 @@ def decode(frame: bytes) -> Message:
     return message
 
 
+HELLO_REPLY: Message = {"op": "reply", "rid": 1, "session": 7, "server": "t", "max_frame": 1 << 20}
+
+
 def new_core() -> Core:
     core = Core(max_frame=1 << 20)
-    core.welcome({"op": "reply", "rid": 1, "session": 7})
+    core.welcome(HELLO_REPLY)
     return core
 
 
-def new_page(core: Core, page_id: int = 3, record: str = "Customer: 10000") -> PageState:
-    page = PageState(page_id, "Customer Card", record)
+def new_page(core: Core, page_id: int = 3, record: str = "Customer: 10000") -> PageBase:
+    page = PageBase(None, page_id, "Customer Card", record)
     core.add_page(page)
     return page
 
 
+def new_task(page: PageBase) -> TaskBase[PageBase]:
+    return TaskBase(page, Flag())
+
+
 def enqueue(
     core: Core,
-    page: PageState,
+    page: PageBase,
     task_id: int,
     level: ErrorLevel | str = ErrorLevel.ERROR,
-) -> TaskState[PageState]:
-    task = TaskState(page, Flag())
+) -> TaskBase[PageBase]:
+    task = new_task(page)
     fields = core.enqueue(page, task, CODEUNIT, {"Wait": "1"}, None, level)
     pending, _ = core.request("enqueue", fields, Flag(), task)
     core.receive({"op": "reply", "rid": pending.rid, "task": task_id, "timeout": 120_000})
+    core.take_work()
+    task._returned = True  # what the flavour does when the enqueue call returns
     assert task.id == task_id
     return task
 
 
-def signal_count(task: TaskState[Any]) -> int:
+def arrive(core: Core, message: Message) -> list[Work]:
+    """Feed one broker frame; return the work it made due."""
+    core.receive(message)
+    return core.take_work()
+
+
+def dispatch_all(core: Core, work: list[Work]) -> None:
+    for item in work:
+        run_dispatch(core.dispatch(item))
+
+
+def signal_count(task: TaskBase[Any]) -> int:
     signal = task._signal
     assert isinstance(signal, Flag)
     return signal.count
@@ -108,22 +129,28 @@ def cancelled(task_id: int, code: str = "Canceled") -> Message:
 def test_requests_get_increasing_rids_and_valid_frames() -> None:
     core = new_core()
     page = new_page(core)
-    task = TaskState(page, Flag())
+    task = new_task(page)
     fields = core.enqueue(page, task, CODEUNIT, {"A": "1"}, 5000, "Warning")
     first, frame = core.request("enqueue", fields, Flag(), task)
     second, _ = core.request("ping", {}, Flag())
     assert (first.rid, second.rid) == (1, 2)
-    request = parse_request(decode(frame))  # what the broker will check
-    assert request == Enqueue(
-        rid=1, page=3, codeunit=CODEUNIT, parameters={"A": "1"}, timeout=5000, level="Warning"
-    )
+    request = REQUESTS.validate(decode(frame))  # what the broker will check
+    assert request == {
+        "op": "enqueue",
+        "rid": 1,
+        "page": 3,
+        "codeunit": CODEUNIT,
+        "parameters": {"A": "1"},
+        "timeout": 5000,
+        "level": "Warning",
+    }
 
 
 def test_reply_answers_the_pending_request_once() -> None:
     core = new_core()
     flag = Flag()
     pending, _ = core.request("open_page", {"name": "P", "record": ""}, flag)
-    assert core.receive({"op": "reply", "rid": pending.rid, "page": 4}) is None
+    assert arrive(core, {"op": "reply", "rid": pending.rid, "page": 4}) == []
     assert flag.count == 1
     assert pending.result()["page"] == 4
     core.receive({"op": "reply", "rid": pending.rid, "page": 5})  # unknown rid now: ignored
@@ -138,14 +165,15 @@ def test_reply_answers_the_pending_request_once() -> None:
 def test_error_reply_raises_the_registered_error(code: str, cls: type[PbtError]) -> None:
     core = new_core()
     page = new_page(core)
-    task = TaskState(page, Flag())
+    task = new_task(page)
     fields = core.enqueue(page, task, CODEUNIT, None, None, ErrorLevel.ERROR)
     pending, _ = core.request("enqueue", fields, Flag(), task)
     core.receive({"op": "error", "rid": pending.rid, "code": code, "text": "no"})
     with pytest.raises(cls) as caught:
         pending.result()
     assert caught.value.code == code
-    assert not task.done()
+    assert str(caught.value) == "no"  # the text; the code is .code
+    assert task._done is False
 
 
 def test_error_without_rid_means_the_broker_dropped_us() -> None:
@@ -160,8 +188,15 @@ def test_malformed_event_is_a_protocol_error() -> None:
         core.receive({"op": "completed", "task": "1", "page": 3, "results": {}})
 
 
+def test_malformed_reply_is_a_protocol_error() -> None:
+    core = new_core()
+    pending, _ = core.request("open_page", {"name": "P", "record": ""}, Flag())
+    with pytest.raises(ProtocolError, match="reply to open_page: missing field 'page'"):
+        core.receive({"op": "reply", "rid": pending.rid})
+
+
 def test_unknown_event_is_ignored() -> None:
-    assert new_core().receive({"op": "progress", "task": 1}) is None
+    assert arrive(new_core(), {"op": "progress", "task": 1}) == []
 
 
 def test_status_fields_drop_the_envelope() -> None:
@@ -169,31 +204,44 @@ def test_status_fields_drop_the_envelope() -> None:
     assert status_fields(reply) == {"sessions": [], "workers": []}
 
 
-# --- outcomes -----------------------------------------------------------------------------
+def test_the_tap_sees_every_frame_before_it_is_applied() -> None:
+    core = new_core()
+    task = enqueue(core, new_page(core), 1)
+    seen: list[tuple[str, bool]] = []
+    core.tap = lambda message: seen.append((message["op"], task._arrived is not None))
+    core.receive(completed(1, A="1"))
+    core.receive({"op": "shutdown", "code": "ServerShuttingDown", "text": "bye"})
+    assert seen == [("completed", False), ("shutdown", True)]
 
 
-def test_completed_resolves_the_handle_before_dispatch() -> None:
+# --- outcomes: arrival, then one decision -------------------------------------------------
+
+
+def test_arrival_wakes_waiters_and_the_first_look_decides() -> None:
     core = new_core()
     page = new_page(core)
     page.on_completed = lambda task_id, results: None
     task = enqueue(core, page, 1)
-    assert core.receive(completed(1, Count="3")) is task
-    assert task.done()
-    assert signal_count(task) == 1
+    assert arrive(core, completed(1, Count="3")) == [task]
+    assert signal_count(task) == 1  # a waiter wakes at arrival ...
+    assert not task._done  # ... and decides for itself
+    core.decide(task)
+    assert task._done
     assert task._outcome() == {"Count": "3"}
 
 
-def test_completed_without_trigger_is_resolved_and_dropped() -> None:
+def test_an_outcome_without_trigger_is_decided_at_dispatch() -> None:
     core = new_core()
     task = enqueue(core, new_page(core), 1)
-    assert core.receive(completed(1)) is None
+    dispatch_all(core, arrive(core, completed(1)))
     assert task._outcome() == {}
 
 
 def test_failed_resolves_with_background_task_error() -> None:
     core = new_core()
     task = enqueue(core, new_page(core), 1)
-    assert core.receive(failed(1, "ChildSessionTaskTimeout", "timed out")) is task
+    assert arrive(core, failed(1, "ChildSessionTaskTimeout", "timed out")) == [task]
+    core.decide(task)
     with pytest.raises(BackgroundTaskError) as caught:
         task._outcome()
     error = caught.value
@@ -211,7 +259,7 @@ def test_cancelled_resolves_with_its_reason_and_no_trigger() -> None:
     page.on_completed = never
     page.on_error = never
     task = enqueue(core, page, 1)
-    assert core.receive(cancelled(1, "Canceled")) is None
+    assert arrive(core, cancelled(1, "Canceled")) == []
     with pytest.raises(BackgroundTaskCanceled) as caught:
         task._outcome()
     assert (caught.value.code, caught.value.task_id) == ("Canceled", 1)
@@ -224,11 +272,12 @@ def test_outcome_is_delivered_exactly_once(first: Message, second: Message) -> N
     page = new_page(core)
     page.on_completed = lambda task_id, results: None
     task = enqueue(core, page, 1)
-    core.receive(first)
-    outcome = (task._results, task._error)
-    assert core.receive(second) is None
+    arrive(core, first)
+    core.decide(task)
+    outcome, signals = (task._results, task._error), signal_count(task)
+    assert arrive(core, second) == []
     assert (task._results, task._error) == outcome
-    assert signal_count(task) == 1
+    assert signal_count(task) == signals
 
 
 def test_outcome_after_record_change_is_a_cancel_without_trigger() -> None:
@@ -239,7 +288,7 @@ def test_outcome_after_record_change_is_a_cancel_without_trigger() -> None:
     fields = core.set_record(page, "Customer: 20000")  # local first, then the request
     assert fields == {"page": 3, "record": "Customer: 20000"}
     assert page.record_id == "Customer: 20000"
-    assert core.receive(completed(1)) is None
+    assert arrive(core, completed(1)) == []
     with pytest.raises(BackgroundTaskCanceled) as caught:
         task._outcome()
     assert caught.value.code == "RecordChanged"
@@ -252,10 +301,61 @@ def test_failure_after_page_close_is_a_cancel_without_trigger() -> None:
     assert core.close_page(page) is True
     assert core.close_page(page) is False  # idempotent: nothing more to send
     assert page.closed
-    assert core.receive(failed(1)) is None
+    assert arrive(core, failed(1)) == []
     with pytest.raises(BackgroundTaskCanceled) as caught:
         task._outcome()
     assert caught.value.code == "PageClosed"
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [("record", "RecordChanged"), ("close", "PageClosed"), ("session", "SessionClosed")],
+)
+def test_a_page_that_moves_on_before_dispatch_gets_a_cancel_not_a_trigger(
+    change: str, code: str
+) -> None:
+    # The outcome is in; the dispatcher has not reached it (busy with another trigger).
+    core = new_core()
+    page = new_page(core)
+    page.on_completed = never
+    task = enqueue(core, page, 1)
+    work = arrive(core, completed(1, X="1"))
+    if change == "record":
+        core.set_record(page, "Customer: 20000")
+    elif change == "close":
+        core.close_page(page)
+    else:
+        core.close()
+    dispatch_all(core, work)
+    with pytest.raises(BackgroundTaskCanceled) as caught:
+        task._outcome()  # the handle tells the same story as the (absent) trigger
+    assert caught.value.code == code
+
+
+def test_a_decided_outcome_keeps_its_trigger_when_the_page_moves_on_later() -> None:
+    core = new_core()
+    page = new_page(core)
+    seen: list[int] = []
+    page.on_completed = lambda task_id, results: seen.append(task_id)
+    task = enqueue(core, page, 1)
+    work = arrive(core, completed(1, X="1"))
+    core.decide(task)  # someone waited on the handle: completed, so its trigger will run
+    core.set_record(page, "Customer: 20000")
+    dispatch_all(core, work)
+    assert task._outcome() == {"X": "1"}
+    assert seen == [1]
+
+
+def test_an_arrived_outcome_is_lost_with_the_connection_and_runs_no_trigger() -> None:
+    core = new_core()
+    page = new_page(core)
+    page.on_completed = never
+    task = enqueue(core, page, 1)
+    work = arrive(core, completed(1, X="1"))
+    core.connection_lost("reset")
+    dispatch_all(core, work)
+    with pytest.raises(ConnectionLost, match="reset"):
+        task._outcome()
 
 
 @pytest.mark.parametrize(
@@ -272,6 +372,27 @@ def test_cancelled_list_in_reply_mops_up_unresolved_tasks(op: str, code: str) ->
     assert caught.value.code == code
 
 
+def test_pending_counts_tasks_until_they_are_decided() -> None:
+    core = new_core()
+    page = new_page(core)
+    counts: list[int] = []
+    page.on_pending_changed = counts.append
+    first = enqueue(core, page, 1)
+    enqueue(core, page, 2)
+    assert page.pending == 2
+    run_dispatch(core.dispatch(page))  # the dispatcher tells the count it finds
+    assert counts == [2]
+    work = arrive(core, completed(1))
+    core.receive(cancelled(2))
+    work += core.take_work()
+    assert page.pending == 1  # the cancel is decided; the completion waits for dispatch
+    dispatch_all(core, work)
+    dispatch_all(core, core.take_work())
+    assert first._done
+    assert page.pending == 0
+    assert counts == [2, 1, 0] or counts == [2, 0]  # told when it changed; never twice the same
+
+
 def test_clean_end_of_stream_says_the_server_closed_it() -> None:
     core = new_core()
     core.connection_lost()
@@ -283,7 +404,7 @@ def test_after_shutdown_event_its_text_is_the_reason() -> None:
     core = new_core()
     task = enqueue(core, new_page(core), 1)
     core.receive({"op": "shutdown", "code": "ServerShuttingDown", "text": "pbt-server stop"})
-    assert not task.done()  # the broker closes the connection next
+    assert not task._done  # the broker closes the connection next
     core.connection_lost("[Errno 32] Broken pipe")
     with pytest.raises(ConnectionLost, match="the server shut down: pbt-server stop"):
         task._outcome()
@@ -292,13 +413,13 @@ def test_after_shutdown_event_its_text_is_the_reason() -> None:
 def test_malformed_reply_stays_pending_until_the_connection_is_dropped() -> None:
     core = new_core()
     page = new_page(core)
-    task = TaskState(page, Flag())
+    task = new_task(page)
     flag = Flag()
     pending, _ = core.request(
         "enqueue", core.enqueue(page, task, 1, None, None, "Error"), flag, task
     )
     with pytest.raises(ProtocolError):
-        core.receive({"op": "reply", "rid": pending.rid, "task": "1"})
+        core.receive({"op": "reply", "rid": pending.rid, "task": "1", "timeout": 1})
     core.connection_lost("bad frame from the server")
     assert flag.count == 1
     with pytest.raises(ConnectionLost):
@@ -327,7 +448,7 @@ def test_connection_lost_fails_every_pending_request_and_handle() -> None:
     core.connection_lost("second reason")  # no-op: the first reason stays
     with pytest.raises(ConnectionLost, match="bye"):
         core.request("ping", {}, Flag())
-    assert core.should_cancel(page, 1) is False  # cancel never raises for a broken link
+    assert core.cancel(page, 1) is False  # cancel never raises for a broken link
 
 
 def test_close_cancels_handles_and_later_calls_raise_client_closed() -> None:
@@ -344,9 +465,9 @@ def test_close_cancels_handles_and_later_calls_raise_client_closed() -> None:
     with pytest.raises(ClientClosed):
         core.request("ping", {}, Flag())
     with pytest.raises(ClientClosed):  # the session's state wins over the page's
-        core.enqueue(page, TaskState(page, Flag()), CODEUNIT, None, None, "Error")
+        core.enqueue(page, new_task(page), CODEUNIT, None, None, "Error")
     with pytest.raises(ClientClosed):
-        core.should_cancel(page, 1)
+        core.cancel(page, 1)
     core.close()  # idempotent
 
 
@@ -363,10 +484,35 @@ def test_abandoned_request_ignores_its_late_reply() -> None:
     flag = Flag()
     pending, _ = core.request("hello", {"protocol": 1, "token": ""}, flag)
     core.abandon(pending)
-    core.receive({"op": "reply", "rid": pending.rid, "session": 1})
+    core.receive(HELLO_REPLY | {"rid": pending.rid})
     assert flag.count == 0
     core.connection_lost("late")
     assert flag.count == 0  # no longer pending
+
+
+@pytest.mark.parametrize("reply_first", [False, True])
+def test_an_abandoned_enqueue_cancels_its_task_once_the_id_is_known(reply_first: bool) -> None:
+    core = new_core()
+    page = new_page(core)
+    page.on_completed = never
+    task = new_task(page)
+    fields = core.enqueue(page, task, CODEUNIT, None, None, "Error")
+    pending, _ = core.request("enqueue", fields, Flag(), task)
+    reply: Message = {"op": "reply", "rid": pending.rid, "task": 5, "timeout": 1000}
+    if reply_first:  # the reply arrived, but the caller was cancelled before it resumed
+        core.receive(reply)
+        core.abandon(pending)
+    else:
+        core.abandon(pending)
+        assert core.take_orphans() == []
+        core.receive(reply)
+    (frame,) = core.take_orphans()
+    assert decode(frame)["task"] == 5  # no task without an owner
+    assert REQUESTS.validate(decode(frame))["op"] == "cancel"
+    with pytest.raises(BackgroundTaskCanceled):
+        task._outcome()
+    dispatch_all(core, arrive(core, completed(5)))  # its late outcome changes nothing
+    assert page.pending == 0
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -400,7 +546,7 @@ def test_enqueue_arguments_are_checked_before_anything_is_sent(
         "error_level": ErrorLevel.ERROR,
     }
     args.update(kwargs)
-    task = TaskState(page, Flag())
+    task = new_task(page)
 
     def submit() -> None:  # the size check needs the encoded frame, so it is in request()
         core.request("enqueue", core.enqueue(page, task, **args), Flag(), task)
@@ -416,7 +562,7 @@ def test_enqueue_copies_parameters_and_accepts_level_strings() -> None:
     core = new_core()
     page = new_page(core)
     parameters = {"Wait": "10"}
-    task = TaskState(page, Flag())
+    task = new_task(page)
     fields = core.enqueue(page, task, CODEUNIT, parameters, -1, "Ignore")
     parameters["Wait"] = "changed"
     assert fields["parameters"] == {"Wait": "10"}
@@ -430,7 +576,7 @@ def test_enqueue_on_a_closed_page_raises_page_closed() -> None:
     page = new_page(core)
     core.close_page(page)
     with pytest.raises(PageClosed):
-        core.enqueue(page, TaskState(page, Flag()), CODEUNIT, None, None, "Error")
+        core.enqueue(page, new_task(page), CODEUNIT, None, None, "Error")
     with pytest.raises(ClientClosed):
         core.set_record(page, "Customer: 1")
 
@@ -446,28 +592,55 @@ def test_names_and_record_ids_are_checked(value: object, error: type[Exception])
         core.set_record(new_page(core), value)
 
 
-def test_should_cancel_only_this_pages_unresolved_tasks() -> None:
+def test_context_is_checked_and_copied() -> None:
+    original = {"user": "ALICE", "company": "CRONUS"}
+    copy = check_context(original)
+    original["user"] = "MALLORY"
+    assert copy == {"user": "ALICE", "company": "CRONUS"}
+    assert check_context(None) == {}
+    with pytest.raises(TypeError, match="context"):
+        check_context({"user": 1})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="at most 64"):
+        check_context({str(i): "" for i in range(65)})
+
+
+def test_cancel_asks_the_broker_only_about_this_pages_pending_tasks() -> None:
     core = new_core()
     page, other = new_page(core, 3), new_page(core, 4)
     enqueue(core, page, 1)
-    assert core.should_cancel(page, 1) is True
-    assert core.should_cancel(other, 1) is False
-    assert core.should_cancel(page, 2) is False
-    assert core.should_cancel(page, True) is False
-    assert core.should_cancel(page, "1") is False
-    core.receive(completed(1))
-    assert core.should_cancel(page, 1) is False
+    assert core.cancel(page, 1) is None  # the broker must be asked
+    assert core.cancel(other, 1) is False
+    assert core.cancel(page, 2) is False
+    assert core.cancel(page, True) is False
+    assert core.cancel(page, "1") is False
 
 
-def test_resolve_address(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cancel_of_an_arrived_outcome_decides_it_cancelled_here() -> None:
+    core = new_core()
+    page = new_page(core)
+    page.on_completed = never
+    task = enqueue(core, page, 1)
+    work = arrive(core, completed(1))
+    assert core.cancel(page, 1) is True  # the trigger had not run: it never will
+    dispatch_all(core, work)
+    with pytest.raises(BackgroundTaskCanceled):
+        task._outcome()
+    assert core.cancel(page, 1) is False  # decided now
+
+
+def test_resolve_addresses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("PBT_SOCKET", raising=False)
-    assert resolve_address(None) == DEFAULT_SOCKET
+    assert resolve_addresses(None) == [DEFAULT_SOCKET]
     monkeypatch.setenv("PBT_SOCKET", "/run/pbt.sock")
-    assert resolve_address(None) == "/run/pbt.sock"
-    assert resolve_address(tmp_path / "s.sock") == str(tmp_path / "s.sock")
-    assert resolve_address(("127.0.0.1", 7085)) == ("127.0.0.1", 7085)
+    assert resolve_addresses(None) == ["/run/pbt.sock"]
+    assert resolve_addresses(tmp_path / "s.sock") == [str(tmp_path / "s.sock")]
+    assert resolve_addresses(("127.0.0.1", 7085)) == [("127.0.0.1", 7085)]
+    both: list[Any] = [("10.0.0.1", 7085), "/run/pbt.sock"]
+    assert resolve_addresses(both) == both
     with pytest.raises(TypeError):
-        resolve_address(("127.0.0.1", "7085"))  # type: ignore[arg-type]
+        resolve_addresses(("127.0.0.1", "7085"))
+    with pytest.raises(ValueError, match="empty"):
+        resolve_addresses([])
 
 
 # --- dispatch: triggers, error levels, notifications --------------------------------------
@@ -483,9 +656,9 @@ def dispatch_failure(
     page = new_page(core)
     page.on_error = on_error
     task = enqueue(core, page, 1, level)
-    work = core.receive(failed(1, "ChildSessionTaskTimeout", "timed out"))
-    assert work is task
-    run_dispatch(core.dispatch(work))
+    work = arrive(core, failed(1, "ChildSessionTaskTimeout", "timed out"))
+    assert work == [task]
+    dispatch_all(core, work)
     return notes
 
 
@@ -543,9 +716,7 @@ def test_exception_in_completion_trigger_is_an_error_notification(
 
     page.on_completed = on_completed
     enqueue(core, page, 1, ErrorLevel.IGNORE)
-    work = core.receive(completed(1, Count="3"))
-    assert work is not None
-    run_dispatch(core.dispatch(work))
+    dispatch_all(core, arrive(core, completed(1, Count="3")))
     (note,) = notes
     assert (note.severity, note.code, note.text) == (
         ErrorLevel.ERROR,
@@ -569,9 +740,7 @@ def test_exception_in_notification_callback_is_logged_and_swallowed(
     core.on_notification = on_notification
     page = new_page(core)
     enqueue(core, page, 1, ErrorLevel.WARNING)
-    work = core.receive(failed(1))
-    assert work is not None
-    run_dispatch(core.dispatch(work))  # does not raise
+    dispatch_all(core, arrive(core, failed(1)))  # does not raise
     assert any("display broke" in (r.exc_text or "") for r in caplog.records)
 
 
@@ -581,28 +750,8 @@ def test_completion_trigger_gets_id_and_results() -> None:
     seen: list[tuple[int, dict[str, str]]] = []
     page.on_completed = lambda task_id, results: seen.append((task_id, results))
     enqueue(core, page, 5)
-    work = core.receive(completed(5, Count="3"))
-    assert work is not None
-    run_dispatch(core.dispatch(work))
+    dispatch_all(core, arrive(core, completed(5, Count="3")))
     assert seen == [(5, {"Count": "3"})]
-
-
-@pytest.mark.parametrize("change", ["close", "record", "session"])
-def test_trigger_is_skipped_if_the_page_moved_on_before_dispatch(change: str) -> None:
-    core = new_core()
-    page = new_page(core)
-    page.on_completed = never
-    task = enqueue(core, page, 1)
-    work = core.receive(completed(1, X="1"))
-    assert work is task
-    if change == "close":
-        core.close_page(page)
-    elif change == "record":
-        core.set_record(page, "Customer: 20000")
-    else:
-        core.connection_lost("gone")
-    run_dispatch(core.dispatch(work))
-    assert task._outcome() == {"X": "1"}  # the handle keeps what it was resolved with
 
 
 def test_pending_request_result() -> None:

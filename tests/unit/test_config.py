@@ -9,31 +9,30 @@ from pathlib import Path
 import pytest
 
 from pbt_server.config import (
-    AsyncSection,
+    SECTIONS,
+    AsyncProcessingSection,
     CodeunitsSection,
     DatabaseSection,
+    DatabaseUrl,
     ServerConfig,
     ServerSection,
     WorkersSection,
+    keys,
     load_config,
+    render_ini,
+    render_markdown,
 )
 from pbt_server.errors import ConfigError
 
-SHIPPED = Path(__file__).resolve().parents[2] / "config" / "server.ini"
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "config" / "server.ini"
+README = REPO / "README.md"
 TOKEN = "s3cret-token-0123456789"
 
-# SPEC §4: the keys the shipped file must list.
-SPEC_KEYS = {
-    "Server": {
-        "SocketPath",
-        "TcpAddress",
-        "AuthToken",
-        "PidFile",
-        "LogFile",
-        "LogLevel",
-        "MaxFrameBytes",
-        "MaxConnections",
-    },
+# The keys the product's contract says the shipped file lists; every declared key must be
+# shipped too, and nothing else.
+CONTRACT_KEYS = {
+    "Server": {"SocketPath", "TcpAddress", "AuthToken", "PidFile", "LogFile", "LogLevel"},
     "AsynchronousProcessing": {
         "ChildSessionsMaxConcurrency",
         "ChildSessionsMaxQueueLength",
@@ -44,6 +43,7 @@ SPEC_KEYS = {
     "Database": {"Url"},
     "Codeunits": {"Modules"},
 }
+DECLARED = {cls.SECTION: {spec.name for _, spec in keys(cls)} for cls in SECTIONS}
 
 
 def write_ini(tmp_path: Path, text: str) -> Path:
@@ -78,19 +78,27 @@ def test_defaults(tmp_path: Path) -> None:
             log_level="INFO",
             max_frame_bytes=1048576,
             max_connections=4096,
+            max_buffered_mb=256,
         ),
-        asynchronous_processing=AsyncSection(
+        asynchronous_processing=AsyncProcessingSection(
             max_concurrency=5,
             max_queue_length=100,
             default_timeout_ms=120_000,
             max_timeout_ms=600_000,
         ),
-        workers=WorkersSection(count=4, max_tasks_per_worker=0, max_memory_mb=0),
-        database=DatabaseSection(url=f"sqlite:///{tmp_path}/var/demo.db"),
+        workers=WorkersSection(
+            count=4, max_tasks_per_worker=0, max_memory_mb=0, ack_timeout_ms=5000
+        ),
+        database=DatabaseSection(
+            url=DatabaseUrl(
+                f"sqlite:///{tmp_path}/var/demo.db", "sqlite", tmp_path / "var" / "demo.db"
+            ),
+            isolation="RepeatableRead",
+            statement_timeout_ms=0,
+        ),
         codeunits=CodeunitsSection(modules=("workers.demo",)),
         source=None,
     )
-    assert config.database.sqlite_path == tmp_path / "var" / "demo.db"
 
 
 def test_shipped_file_gives_exactly_the_defaults(tmp_path: Path) -> None:
@@ -101,15 +109,36 @@ def test_shipped_file_gives_exactly_the_defaults(tmp_path: Path) -> None:
     )
 
 
+def test_shipped_file_is_rendered_from_the_declarations() -> None:
+    assert SHIPPED.read_text(encoding="utf-8") == render_ini(), (
+        "config/server.ini drifted from pbt_server/config.py: run"
+        " `python -m pbt_server.config ini > config/server.ini`"
+    )
+
+
 def test_shipped_file_lists_every_key_with_a_comment() -> None:
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment, method-assign]
     parser.read(SHIPPED, encoding="utf-8")
-    assert {s: set(parser[s]) for s in parser.sections()} == SPEC_KEYS
+    shipped = {s: set(parser[s]) for s in parser.sections()}
+    assert shipped == DECLARED
+    for section, names in CONTRACT_KEYS.items():
+        assert names <= shipped[section]
     lines = SHIPPED.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if "=" in line and not line.startswith(";"):
             assert lines[i - 1].startswith("; "), f"no comment above {line!r}"
+
+
+def test_readme_table_is_rendered_from_the_declarations() -> None:
+    text = README.read_text(encoding="utf-8")
+    begin, end = "<!-- config:begin -->\n", "<!-- config:end -->"
+    assert begin in text, "README.md lost its config table markers"
+    assert end in text, "README.md lost its config table markers"
+    table = text[text.index(begin) + len(begin) : text.index(end)]
+    assert table == render_markdown(), (
+        "README.md's config table drifted: paste `python -m pbt_server.config markdown`"
+    )
 
 
 def test_os_environ_is_the_default_environment(
@@ -138,6 +167,7 @@ LogFile = logs/pbt.log   ; inline comment
 LogLevel = debug
 MaxFrameBytes = 2048
 MaxConnections = 10
+MaxBufferedMB = 64
 
 [AsynchronousProcessing]
 ChildSessionsMaxConcurrency = 2
@@ -149,9 +179,12 @@ PageBackgroundTaskMaxTimeout = 01:00:00
 Count = 256
 MaxTasksPerWorker = 1000
 MaxMemoryMB = 512
+AckTimeout = 00:00:02
 
 [Database]
 Url = postgresql://pbt@db.example/pbt
+Isolation = serializable
+StatementTimeout = 00:00:30
 
 [Codeunits]
 Modules = workers.demo, mypkg.cues
@@ -167,11 +200,19 @@ Modules = workers.demo, mypkg.cues
         log_level="DEBUG",
         max_frame_bytes=2048,
         max_connections=10,
+        max_buffered_mb=64,
     )
-    assert config.asynchronous_processing == AsyncSection(2, 1, 30_000, 3_600_000)
-    assert config.workers == WorkersSection(256, 1000, 512)
-    assert config.database.url == "postgresql://pbt@db.example/pbt"
-    assert config.database.sqlite_path is None
+    assert config.asynchronous_processing == AsyncProcessingSection(
+        max_concurrency=2, max_queue_length=1, default_timeout_ms=30_000, max_timeout_ms=3_600_000
+    )
+    assert config.workers == WorkersSection(
+        count=256, max_tasks_per_worker=1000, max_memory_mb=512, ack_timeout_ms=2000
+    )
+    assert config.database == DatabaseSection(
+        url=DatabaseUrl("postgresql://pbt@db.example/pbt", "postgresql"),
+        isolation="Serializable",
+        statement_timeout_ms=30_000,
+    )
     assert config.codeunits.modules == ("workers.demo", "mypkg.cues", "mypkg.stats")
 
 
@@ -199,9 +240,32 @@ def test_auth_token_is_not_in_the_repr(tmp_path: Path) -> None:
     assert TOKEN not in repr(config)
 
 
+def test_a_bad_auth_token_is_not_echoed(tmp_path: Path) -> None:
+    text = config_error(tmp_path, "[Server]\nAuthToken = tooshort-secret\n")
+    assert "tooshort" not in text
+    assert text == (
+        f"{tmp_path / 'server.ini'}: [Server] AuthToken = '***':"
+        " must be at least 16 characters (empty = no token)"
+    )
+
+
 # --- bad values: exact message naming file, section, key, value ---------------------------
 
 BAD_VALUES = [
+    ("Workers", "AckTimeout", "00:00:00", "must be longer than zero"),
+    ("Server", "MaxBufferedMB", "0", "must be at least 1"),
+    (
+        "Database",
+        "Isolation",
+        "chaos",
+        "must be one of RepeatableRead, ReadCommitted, Serializable",
+    ),
+    (
+        "Database",
+        "StatementTimeout",
+        "soon",
+        "not a timespan; expected [d.]hh:mm:ss[.fff], e.g. 00:02:00",
+    ),
     ("Workers", "Count", "four", "not an integer"),
     ("Workers", "Count", "0", "must be between 1 and 256"),
     ("Workers", "Count", "1_000", "not an integer"),
@@ -243,7 +307,6 @@ BAD_VALUES = [
     ("Server", "LogLevel", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("Server", "MaxFrameBytes", "512", "must be between 1024 and 67108864"),
     ("Server", "SocketPath", "", "must not be empty"),
-    ("Server", "AuthToken", "short", "must be at least 16 characters (empty = no token)"),
     ("Server", "TcpAddress", "7085", "expected host:port, e.g. 127.0.0.1:7085"),
     ("Server", "TcpAddress", "::1:7085", "write an IPv6 address in brackets, e.g. [::1]:7085"),
     (
@@ -323,7 +386,7 @@ def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
     text = config_error(tmp_path, "[Workers]\nCuont = 4\n")
     assert text == (
         f"{tmp_path / 'server.ini'}: [Workers] Cuont = '4': unknown key"
-        " (known: Count, MaxTasksPerWorker, MaxMemoryMB)"
+        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, AckTimeout)"
     )
 
 
@@ -358,7 +421,7 @@ def test_missing_file(tmp_path: Path) -> None:
     ("ini", "reason"),
     [
         ("Count = 4\n", "line 1: key before any [Section]"),
-        ("[Workers]\nthis is not a key\n", "line 2: not 'Key = value': 'this is not a key\\n'"),
+        ("[Workers]\nthis is not a key\n", "line 2: not 'Key = value': this is not a key"),
     ],
 )
 def test_unparseable_file(tmp_path: Path, ini: str, reason: str) -> None:
@@ -405,7 +468,7 @@ def test_unknown_env_key_in_known_section(tmp_path: Path) -> None:
     text = config_error(tmp_path, "", {"PBT_WORKERS_MAX_MEMORY_MB": "5"})
     assert text == (
         "PBT_WORKERS_MAX_MEMORY_MB: [Workers] MAX_MEMORY_MB = '5': unknown key"
-        " (known: Count, MaxTasksPerWorker, MaxMemoryMB)"
+        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, AckTimeout)"
     )
 
 
@@ -507,7 +570,7 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path) -> None:
     assert config.server.socket_path == tmp_path / "run" / "pbt.sock"
     assert config.server.log_file == base / "log" / "x.log"
     assert config.server.pid_file == base / "var" / "pbt-server.pid"
-    assert config.database.sqlite_path == base / "var" / "demo.db"
+    assert config.database.url.path == base / "var" / "demo.db"
 
 
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
@@ -527,4 +590,11 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
 )
 def test_database_url_is_normalised(tmp_path: Path, url: str, expected: str) -> None:
     config = load(tmp_path, f"[Database]\nUrl = {url}\n")
-    assert config.database.url == expected.format(base=tmp_path)
+    assert config.database.url.text == expected.format(base=tmp_path)
+
+
+def test_a_sqlite_url_is_parsed_once_with_its_escapes_decoded(tmp_path: Path) -> None:
+    # The demo creates the file this names, and the workers open the same one.
+    config = load(tmp_path, "[Database]\nUrl = sqlite:///var/my%20db.sqlite\n")
+    assert config.database.url.path == tmp_path / "var" / "my db.sqlite"
+    assert config.database.url.backend == "sqlite"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pbt_server import __version__, cli
-from pbt_server.daemon import AlreadyRunning, Pidfile, is_pbt_server, start_daemon, stop_daemon
+from pbt_server.daemon import AlreadyRunning, Pidfile, start_daemon, stop_daemon
 
 if TYPE_CHECKING:
     from pbt_server.config import ServerConfig
@@ -21,10 +21,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Long-lived children say "ready" first: until a child has finished exec, its
 # /proc/<pid>/cmdline can still be empty, so it would not look like a pbt-server yet.
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
+# A "server": it locks the pid file named by its argument, writes its pid, says ready.
+HOLDER = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+    " fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'%d\\n' % os.getpid());"
+    " print('ready', flush=True); time.sleep(60)"
+)
 # A "server" that will not stop: it ignores SIGTERM before it says ready.
-STUBBORN = (
-    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    "print('ready', flush=True); time.sleep(60)"
+STUBBORN = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + HOLDER.replace(
+    "; ", "\n"
 )
 
 Spawn = Callable[..., subprocess.Popen[str]]
@@ -76,28 +81,29 @@ def _write(pidfile: Pidfile, text: str) -> None:
 # --- Pidfile -----------------------------------------------------------------------------
 
 
-def test_acquire_writes_our_pid_atomically_and_release_removes_it(pidfile: Pidfile) -> None:
+def hold(spawn: Spawn, pidfile: Pidfile, code: str = HOLDER) -> subprocess.Popen[str]:
+    """A process that holds ``pidfile``'s lock, as a running server does."""
+    pidfile.path.parent.mkdir(parents=True, exist_ok=True)
+    return spawn(code, str(pidfile.path))
+
+
+def test_acquire_locks_writes_our_pid_and_release_removes_it(pidfile: Pidfile) -> None:
     assert pidfile.acquire() is None
     assert pidfile.path.read_text() == f"{os.getpid()}\n"
     assert pidfile.read() == os.getpid()
+    assert pidfile.locked()
     assert os.listdir(pidfile.path.parent) == [pidfile.path.name]  # no temp file left over
 
     pidfile.release()
     assert not pidfile.path.exists()
-    pidfile.release()  # already gone: nothing to do
+    assert not pidfile.locked()
+    pidfile.release()  # already released: nothing to do
 
 
-def test_acquire_again_by_the_holder_is_a_no_op(pidfile: Pidfile) -> None:
-    pidfile.acquire()
-    assert pidfile.acquire() is None
-    assert pidfile.read() == os.getpid()
-
-
-def test_live_pbt_server_holding_the_file_raises_already_running(
+def test_a_live_server_holding_the_lock_raises_already_running(
     pidfile: Pidfile, spawn: Spawn
 ) -> None:
-    server = spawn(SLEEPER, "pbt_server")
-    _write(pidfile, f"{server.pid}\n")
+    server = hold(spawn, pidfile)
 
     with pytest.raises(AlreadyRunning) as info:
         pidfile.acquire()
@@ -108,7 +114,7 @@ def test_live_pbt_server_holding_the_file_raises_already_running(
     assert pidfile.running_pid() == server.pid
 
 
-def test_dead_pid_is_stale_and_replaced(
+def test_a_dead_servers_file_is_stale_and_replaced(
     pidfile: Pidfile, dead_pid: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     _write(pidfile, f"{dead_pid}\n")
@@ -117,13 +123,13 @@ def test_dead_pid_is_stale_and_replaced(
     assert pidfile.acquire() == dead_pid
 
     assert pidfile.read() == os.getpid()
-    assert f"pid {dead_pid} is not a pbt-server" in caplog.text
+    assert f"pid {dead_pid} is not running it" in caplog.text
 
 
-def test_live_pid_that_is_not_a_pbt_server_is_stale(pidfile: Pidfile, spawn: Spawn) -> None:
-    other = spawn(SLEEPER)
+def test_a_file_naming_an_unrelated_live_process_is_stale(pidfile: Pidfile, spawn: Spawn) -> None:
+    # e.g. `tail -f pbt_server.log` got the dead server's pid: it holds no lock.
+    other = spawn(SLEEPER, "pbt_server")  # even one whose command line looks like ours
     _write(pidfile, f"{other.pid}\n")
-    assert not is_pbt_server(other.pid)
     assert pidfile.running_pid() is None
 
     assert pidfile.acquire() == other.pid
@@ -148,22 +154,14 @@ def test_missing_file_reads_as_none(pidfile: Pidfile) -> None:
     assert pidfile.running_pid() is None
 
 
-def test_release_leaves_a_file_holding_another_pid_alone(pidfile: Pidfile, spawn: Spawn) -> None:
-    pidfile.acquire()
-    other = spawn(SLEEPER, "pbt_server")
-    _write(pidfile, f"{other.pid}\n")  # another server took over meanwhile
-
-    pidfile.release()
-
-    assert pidfile.read() == other.pid
-
-
-def test_is_pbt_server_matches_whole_arguments_only(spawn: Spawn, dead_pid: int) -> None:
-    assert is_pbt_server(spawn(SLEEPER, "pbt_server").pid)
-    assert is_pbt_server(spawn(SLEEPER, "/opt/venv/bin/pbt-server").pid)
-    assert not is_pbt_server(spawn(SLEEPER, "/home/me/pbt-server/notes.txt").pid)
-    assert not is_pbt_server(dead_pid)
-    assert not is_pbt_server(0)
+def test_a_symlinked_pid_file_is_refused(pidfile: Pidfile, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    pidfile.path.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.path.symlink_to(target)
+    with pytest.raises(OSError, match="symbolic link"):
+        pidfile.acquire()
+    assert target.read_text() == "precious\n"
 
 
 # --- stop_daemon / start_daemon ----------------------------------------------------------
@@ -190,8 +188,7 @@ def test_stop_sends_sigterm_and_waits_until_the_server_is_gone(
     tmp_path: Path, config_file: Path, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = _load(config_file, tmp_path)
-    server = spawn(SLEEPER, "pbt_server")
-    _write(Pidfile(config.server.pid_file), f"{server.pid}\n")
+    server = hold(spawn, Pidfile(config.server.pid_file))
 
     assert stop_daemon(config, timeout=10.0) == 0
 
@@ -204,8 +201,7 @@ def test_stop_gives_up_after_the_timeout(
     tmp_path: Path, config_file: Path, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = _load(config_file, tmp_path)
-    server = spawn(STUBBORN, "pbt_server")  # ready: SIGTERM is ignored from here on
-    _write(Pidfile(config.server.pid_file), f"{server.pid}\n")
+    server = hold(spawn, Pidfile(config.server.pid_file), STUBBORN)  # ignores SIGTERM
 
     assert stop_daemon(config, timeout=0.1) == 1
 
@@ -218,7 +214,7 @@ def test_stop_with_stale_pid_file_signals_nobody_and_removes_it(
     tmp_path: Path, config_file: Path, spawn: Spawn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = _load(config_file, tmp_path)
-    bystander = spawn(SLEEPER)
+    bystander = spawn(SLEEPER, "pbt_server")  # alive, looks like ours, holds no lock
     _write(Pidfile(config.server.pid_file), f"{bystander.pid}\n")
 
     assert stop_daemon(config) == 0
@@ -252,7 +248,8 @@ def test_start_reports_a_daemon_that_exits_with_the_end_of_its_log(
 
     err = capsys.readouterr().err
     assert (
-        f"pbt-server failed to start (exit code 2); last lines of {config.server.log_file}:" in err
+        f"pbt-server failed to start (exited with code 2); last lines of"
+        f" {config.server.log_file}:" in err
     )
     assert "Count = 'four'" in err
     assert not config.server.pid_file.exists()
@@ -304,8 +301,7 @@ def test_run_refuses_when_a_pbt_server_holds_the_pid_file(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)  # relative paths in the ini resolve against the cwd
-    server = spawn(SLEEPER, "pbt_server")
-    _write(Pidfile(tmp_path / "var" / "pbt.pid"), f"{server.pid}\n")
+    server = hold(spawn, Pidfile(tmp_path / "var" / "pbt.pid"))
 
     assert cli.main(["run", "--config", str(config_file)]) == 1
     assert cli.main(["start", "--config", str(config_file)]) == 1

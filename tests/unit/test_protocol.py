@@ -7,8 +7,9 @@ import struct
 import msgpack
 import pytest
 
+import pbt_server.protocol as protocol
 from pbt_server.errors import ProtocolError
-from pbt_server.protocol import Enqueue, FrameDecoder, Hello, encode_frame, parse_request
+from pbt_server.protocol import EVENTS, FROM_WORKER, REQUESTS, FrameDecoder, encode_frame
 
 
 def test_frames_split_anywhere_are_reassembled():
@@ -56,27 +57,27 @@ def test_zero_length_frame_is_refused():
         list(FrameDecoder().feed(b"\x00\x00\x00\x00"))
 
 
-def test_requests_are_validated_into_dataclasses():
-    assert parse_request({"op": "hello", "rid": 1, "protocol": 1}) == Hello(1, 1, "")
-    request = parse_request(
-        {
-            "op": "enqueue",
-            "rid": 2,
-            "page": 1,
-            "codeunit": 9,
-            "parameters": {},
-            "timeout": None,
-            "level": "Error",
-        }
-    )
-    assert isinstance(request, Enqueue)
-    assert request.codeunit == 9
+def test_requests_are_validated_against_their_declarations():
+    hello = {"op": "hello", "rid": 1, "protocol": 1}
+    assert REQUESTS.validate(hello) is hello  # a message is the dict itself: no copy
+    enqueue = {
+        "op": "enqueue",
+        "rid": 2,
+        "page": 1,
+        "codeunit": 9,
+        "parameters": {},
+        "timeout": None,
+        "level": "Error",
+    }
+    request = REQUESTS.validate(enqueue)
+    assert request["op"] == "enqueue"
+    assert request["codeunit"] == 9
 
 
 @pytest.mark.parametrize(
     ("message", "error"),
     [
-        ({"op": "launch", "rid": 1}, "unknown op"),
+        ({"op": "launch", "rid": 1}, "unknown request op 'launch'"),
         ({"op": "cancel", "rid": 1}, "missing field 'task'"),
         ({"op": "cancel", "rid": 1, "task": "1"}, "non-negative int64"),
         ({"op": "cancel", "rid": 1, "task": -1}, "non-negative int64"),
@@ -85,8 +86,60 @@ def test_requests_are_validated_into_dataclasses():
         ({"op": "ping", "rid": 1, "extra": 1}, "unknown field"),
         ({"op": "open_page", "rid": 1, "name": "x" * 5000, "record": ""}, "longer than"),
         ({"op": "open_page", "rid": 1, "name": 5, "record": ""}, "must be a string"),
+        ({"op": "hello", "rid": 1, "protocol": 1, "operator": 1}, "must be a bool"),
+        ({"op": "hello", "rid": 1, "protocol": 1, "context": {"a": 1}}, "not text -> text"),
+        (
+            {"op": "hello", "rid": 1, "protocol": 1, "context": {str(i): "" for i in range(65)}},
+            "at most 64",
+        ),
     ],
 )
 def test_bad_requests_name_what_is_wrong(message, error):
     with pytest.raises(ProtocolError, match=error):
-        parse_request(message)
+        REQUESTS.validate(message)
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"op": "done", "gen": 1, "job": 2}, "done: missing field 'results'"),
+        ({"op": "done", "gen": 1, "job": 2, "results": {"a": 1}}, "not text -> text"),
+        ({"op": "done", "gen": 1, "job": 2, "results": [1]}, "must be a map"),
+        ({"op": "failed", "gen": 1, "job": 2, "code": "X", "text": "t"}, "missing field 'stack'"),
+        ({"op": "started", "gen": -1, "job": 2}, "'gen' must be a non-negative int64"),
+        ({"op": "hijack", "gen": 1}, "unknown worker message op 'hijack'"),
+    ],
+)
+def test_worker_messages_are_validated_like_client_frames(message, error):
+    with pytest.raises(ProtocolError, match=error):
+        FROM_WORKER.validate(message)
+
+
+def test_events_are_validated_for_the_client():
+    with pytest.raises(ProtocolError, match="completed: field 'task'"):
+        EVENTS.validate({"op": "completed", "task": "1", "page": 3, "results": {}})
+
+
+def _docstring_tables(doc: str) -> dict[str, str]:
+    """The tables that follow each ``.. name (generated)`` line of the module docstring."""
+    tables: dict[str, str] = {}
+    lines = doc.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith(".. ") and line.endswith("(generated)"):
+            body, rules = [], 0
+            for row in lines[i + 2 :]:
+                body.append(row)
+                if row.startswith("=") and set(row) <= {"=", " "}:
+                    rules += 1
+                    if rules == 3:
+                        break
+            tables[line.split()[1]] = "\n".join(body)
+    return tables
+
+
+def test_the_protocol_docstring_is_the_declarations():
+    assert protocol.__doc__ is not None
+    documented = _docstring_tables(protocol.__doc__)
+    assert documented == protocol.describe(), (
+        "pbt_server/protocol.py's tables drifted from its declarations; paste describe()'s"
+    )

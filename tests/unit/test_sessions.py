@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from pbt_server.budget import Budget, map_size
+from pbt_server.config import AsyncProcessingSection
 from pbt_server.errors import (
     InvalidParameters,
+    MemoryBudgetExceeded,
     PageClosed,
     PageNotFound,
     QueueFull,
@@ -15,15 +18,19 @@ from pbt_server.sessions import Scheduler, Session, TaskState
 from tests.support import FakeClock
 
 
-def make(max_concurrency: int = 5, max_queue_length: int = 100, clock: FakeClock | None = None):
-    return Scheduler(
+def make(
+    max_concurrency: int = 5,
+    max_queue_length: int = 100,
+    clock: FakeClock | None = None,
+    budget: Budget | None = None,
+):
+    limits = AsyncProcessingSection(
         max_concurrency=max_concurrency,
         max_queue_length=max_queue_length,
         default_timeout_ms=120_000,
         max_timeout_ms=600_000,
-        codeunits={1, 2},
-        clock=clock or FakeClock(),
     )
+    return Scheduler(limits, {1, 2}, clock=clock or FakeClock(), budget=budget)
 
 
 def enqueue(s: Scheduler, session: Session, page: int = 1, **kw):
@@ -222,13 +229,47 @@ def test_a_task_whose_worker_died_before_starting_it_goes_back_to_the_head_once(
     s.open_page(session, "P", "")
     first, second = enqueue(s, session), enqueue(s, session)
     assert s.next_task() is first
-    s.requeue(first)
+    assert s.worker_lost(first)  # never acknowledged: requeued
     assert (session.running, session.waiting) == (0, 2)
     assert s.next_task() is first  # ahead of `second`
     assert first.requeued
-    s.started(first)
-    s.finish(first, TaskState.COMPLETED)
+    assert not s.worker_lost(first)  # a second loss before starting: the caller fails it
+    assert first.state is TaskState.STARTING
+    s.finish(first, TaskState.FAILED)
     assert s.next_task() is second
+
+
+def test_a_task_that_had_started_is_never_requeued():
+    s = make()
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    task = enqueue(s, session)
+    s.next_task()
+    s.started(task)
+    assert not s.worker_lost(task)
+    assert task.state is TaskState.RUNNING
+    assert not task.requeued
+
+
+def test_waiting_parameters_take_from_the_memory_budget_until_the_task_ends():
+    small = {"k": "v" * 100}
+    budget = Budget(limit=2 * map_size(small) + 10)
+    s = make(budget=budget)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    first = enqueue(s, session, parameters=small)
+    second = enqueue(s, session, parameters=small)
+    with pytest.raises(MemoryBudgetExceeded, match="MaxBufferedMB") as caught:
+        enqueue(s, session, parameters=small)
+    assert caught.value.code == "ServerMemoryBudget"
+    assert session.waiting == 2  # the refused task took nothing
+    s.cancel(session, first.id)
+    enqueue(s, session, parameters=small)  # room again
+    s.next_task()
+    s.started(second)
+    s.finish(second, TaskState.COMPLETED)
+    s.close_session(session)
+    assert budget.used == 0
 
 
 def test_page_limit_per_session():

@@ -1,0 +1,142 @@
+"""Codeunits: the ``@codeunit`` registry, and the child session a codeunit receives as ``ctx``.
+
+Application code imports these names from ``pbt_server`` (``from pbt_server import codeunit,
+ChildSession, CodeunitError``), which no package of the application's own can shadow;
+``from workers import codeunit`` is the same function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+if TYPE_CHECKING:
+    from workers.dbapi import Database
+
+CHILD_SESSION_VARIABLE: Final = "PBT_CHILD_SESSION"  # set in every worker, inherited below it
+
+Results = Mapping[str, str] | None
+CodeunitFunction = Callable[["ChildSession"], Results]
+F = TypeVar("F", bound=CodeunitFunction)
+
+
+def in_child_session() -> bool:
+    """True inside a worker process, where codeunits run (Business Central's
+    ``ClientType::ChildSession``), and in any process a codeunit started: there, starting
+    background tasks is refused."""
+    return CHILD_SESSION_VARIABLE in os.environ
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ChildSession:
+    """What a codeunit sees of its task: read-only, no UI, text in and text out.
+
+    Attributes:
+        parameters: the task's parameters (read-only mapping of str to str).
+        db: the worker's database connection, read-only at the database level.
+        task_id: the TaskId the page got from ``enqueue_background_task``.
+        session_id: the parent session's id.
+        record_id: the page's record id when the task was enqueued.
+        codeunit_id: the id this codeunit was registered under.
+        deadline: ``time.monotonic()`` value at which the watchdog kills the task.
+        log: a logger whose records reach the server log.
+        context: the parent session's context (user, company, language...), read-only:
+            what the client passed to ``connect(context=...)``, or the web bridge's
+            ``Access.context``.
+    """
+
+    parameters: Mapping[str, str]
+    db: Database
+    task_id: int
+    session_id: int
+    record_id: str
+    codeunit_id: int
+    deadline: float
+    log: logging.Logger
+    context: Mapping[str, str]
+
+    def remaining(self) -> float:
+        """Seconds left before the watchdog kills this task."""
+        return self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Codeunit:
+    id: int
+    name: str
+    function: CodeunitFunction
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.function.__module__}.{self.function.__qualname__}"
+
+
+_CODEUNITS: dict[int, Codeunit] = {}
+
+
+def codeunit(codeunit_id: int, *, name: str | None = None) -> Callable[[F], F]:
+    """Register the decorated function as codeunit ``codeunit_id``.
+
+    The function takes the child session (``ctx``) and returns a ``dict[str, str]`` or None.
+
+    Raises:
+        ValueError: the id is not a positive int, or another function already has it.
+    """
+    if type(codeunit_id) is not int or codeunit_id <= 0:
+        raise ValueError(f"codeunit id must be a positive int, got {codeunit_id!r}")
+
+    def register(function: F) -> F:
+        entry = Codeunit(codeunit_id, name or function.__name__, function)
+        known = _CODEUNITS.get(codeunit_id)
+        if known is not None and known.qualname != entry.qualname:
+            raise ValueError(
+                f"codeunit {codeunit_id} is registered twice: {known.qualname} and {entry.qualname}"
+            )
+        _CODEUNITS[codeunit_id] = entry
+        return function
+
+    return register
+
+
+def lookup(codeunit_id: int) -> Codeunit | None:
+    return _CODEUNITS.get(codeunit_id)
+
+
+def registered() -> Mapping[int, Codeunit]:
+    return dict(_CODEUNITS)
+
+
+def load_modules(modules: Iterable[str]) -> Mapping[int, Codeunit]:
+    """Import the ``[Codeunits] Modules``; the working directory is importable, like ``python -m``.
+
+    Raises:
+        ImportError: a module cannot be imported, or ended the process at import (the
+            message names it and says why).
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except SystemExit as err:  # sys.exit() at import would end the server without a word
+            raise ImportError(
+                f"codeunit module {module!r} called sys.exit({err.code!r}) while being imported"
+            ) from err
+        except ModuleNotFoundError as err:
+            hint = ""
+            if module.startswith("workers.") and err.name == module:
+                hint = (
+                    "; pbt-server's own package is named 'workers', so a package of yours"
+                    " with that name is hidden by it: rename yours"
+                )
+            raise ImportError(f"cannot import codeunit module {module!r}: {err}{hint}") from err
+        except Exception as err:
+            raise ImportError(f"cannot import codeunit module {module!r}: {err}") from err
+    return registered()
