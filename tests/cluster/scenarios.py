@@ -255,9 +255,11 @@ def hop_cost(report: Report) -> None:
     runs: dict[str, list[dict[str, Any]]] = {}
     for round_number in range(THROUGHPUT_ROUNDS):
         _throughput_run(runs, "two_brokers_haproxy", BALANCER, Work(NOOP))
-        haproxy.set_state(BROKER2.name, "maint")  # every balanced session goes to b1
+        # Drained: b2 takes no new session, so every balanced one goes to b1; it stays
+        # checked and UP, so it is back at once.
+        haproxy.set_state(BROKER2.name, "drain")
         try:
-            haproxy.wait_status(BROKER2.name, "MAINT")
+            haproxy.wait_status(BROKER2.name, "DRAIN")
             if round_number == 0:
                 _round_trips(report, direct)
             _throughput_run(runs, "one_broker_direct", direct, Work(NOOP))
@@ -338,6 +340,12 @@ def _median_run(measured: list[dict[str, Any]]) -> dict[str, Any]:
     median = dict(ordered[len(ordered) // 2])
     median["tasks_per_s_range"] = [ordered[0]["tasks_per_s"], ordered[-1]["tasks_per_s"]]
     median["runs"] = len(ordered)
+    per_task = median["cpu_ms_per_task"]
+    # What bounds it: every part shares this machine's cores; a broker is one event loop.
+    median["ceiling_if_machine_were_ours"] = round(
+        (os.cpu_count() or 1) * 1000 / sum(per_task.values())
+    )
+    median["one_broker_ceiling"] = round(1000 / per_task["brokers"])
     return median
 
 
@@ -756,6 +764,19 @@ def _client_has_keepalive() -> bool:
     return any(word in name for name in names for word in ("keepalive", "heartbeat"))
 
 
+async def _new_sessions_meanwhile(count: int) -> int:
+    """Open ``count`` sessions through HAProxy (1 s to answer); return how many got none."""
+    hung = 0
+    for _ in range(count):
+        try:
+            session = await aio.connect(BALANCER, token=AUTH_TOKEN, timeout=1.0)
+        except PbtError:
+            hung += 1
+        else:
+            await session.close()
+    return hung
+
+
 async def frozen_broker(report: Report) -> None:
     ledger = Ledger()
     work = Work(BLOCKED_CUSTOMERS, {"Delay": "20"}, timeout_ms=30_000)
@@ -777,6 +798,7 @@ async def frozen_broker(report: Report) -> None:
         frozen = victim_pid
         frozen_at = time.monotonic()
         seen_states: set[str] = set()
+        newcomers = asyncio.create_task(_new_sessions_meanwhile(2))
         while time.monotonic() - frozen_at < FREEZE_SECONDS:
             state = haproxy.servers().get(victim.name)
             if state is not None:
@@ -785,11 +807,12 @@ async def frozen_broker(report: Report) -> None:
                 break
             await asyncio.sleep(0.05)
         noticed = [d.current.lost_at - frozen_at for d in on_victim if d.current.lost_at]
+        hung = await newcomers
         os.kill(victim_pid, signal.SIGCONT)
         frozen = None
         detail = (
             f"HAProxy's {HEALTH_CHECK} check saw {victim.name} as {sorted(seen_states)} while it"
-            f" was frozen"
+            f" was frozen, and {hung} of 2 new sessions opened meanwhile got no hello answer"
         )
         if len(noticed) == len(on_victim):
             report.number("frozen.connection_lost_ms", summary(noticed, 1e3, 1))
@@ -858,6 +881,7 @@ SCENARIOS: list[tuple[str, Callable[[Report], object]]] = [
 def main(json_path: str | None = None, only: set[str] | None = None) -> int:
     report = Report()
     started = time.monotonic()
+    report.number("machine", {"cpus": os.cpu_count(), "load_average": os.getloadavg()})
     for name, scenario in SCENARIOS:
         if only and name not in only:
             continue
@@ -865,6 +889,7 @@ def main(json_path: str | None = None, only: set[str] | None = None) -> int:
             _check_alive(report)
             scenario(report)
     report.number("total_seconds", round(time.monotonic() - started, 1))
+    report.numbers["machine"]["load_average_end"] = os.getloadavg()
     print("--- numbers")
     print(json.dumps(report.numbers, indent=1, sort_keys=True))
     passed = sum(1 for status, _, _ in report.checks if status == "PASS")
