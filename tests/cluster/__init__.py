@@ -25,5 +25,6 @@ This package is test infrastructure, apart from the product (it is not installed
 their own tools, and runs the scenarios against it. Modules: ``topology`` (the fixed facts),
 ``netns``, ``postgres``, ``haproxy``, ``brokers``, ``cluster`` (up/down/status),
 ``codeunits`` (what the brokers run), ``load`` (drivers and the ledger), ``measure``,
-``scenarios``.
+``report``, ``scenarios`` (the runner) and the scenarios themselves: ``basics``,
+``performance``, ``database_outage``, ``broker_outage``.
 """
