@@ -215,6 +215,7 @@ class WorkerPool:
         self._running: dict[int, Worker] = {}  # job -> the worker running it
         self._others: set[Worker] = set()  # retiring or killed, not yet reaped
         self._stopping = False
+        self._started = False  # every first worker booted: the server serves
         self._boot_failures = 0
         self._last_boot_error = ""
         self._fork_failures = 0
@@ -248,6 +249,7 @@ class WorkerPool:
             raise BootFailed(f"workers did not become ready within {boot_limit:.0f} s") from None
         finally:
             self._ready_waiter = None
+        self._started = True
 
     async def stop(self, grace: float) -> None:
         """Stop every worker: idle ones exit on EOF (``grace`` seconds); busy ones are killed."""
@@ -553,6 +555,9 @@ class WorkerPool:
                 max_result_bytes=self.max_result_bytes,
                 log_handler=handler,
                 instance=self.instance,
+                # Once the server runs, a database outage must not stop it: a replacement
+                # boots anyway and its tasks fail with DB:ConnectionLost until it is back.
+                database_required=not self._started,
             )
             # daemon=True: if the broker ever exits without stopping us, multiprocessing's
             # atexit terminates workers instead of joining them (a join would wait on our pipes).

@@ -54,13 +54,14 @@ class WorkerSpec:
     max_result_bytes: int
     log_handler: logging.Handler | None  # multiprocessing-logging's handler, built by the broker
     instance: str = ""  # names this broker run; processes below a worker carry it
+    database_required: bool = True  # the first workers fail to boot without their database
 
 
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a forked worker process."""
     _prologue(spec)
     try:
-        db = open_database(spec.database)
+        db = open_database(spec.database, required=spec.database_required)
     except DatabaseUnavailable as err:
         _write(spec.res_w, {"op": "boot_failed", "gen": spec.gen, "text": str(err)})
         os._exit(EXIT_BOOT_FAILURE)

@@ -102,7 +102,7 @@ def _address_list(report: Report) -> None:
     """``connect([a, b])`` (tried in order): the first address here has no broker."""
     nowhere = (BROKER1.address, 7099)
     try:
-        session = connect([nowhere, broker_address(BROKER2)], token=AUTH_TOKEN)  # type: ignore[arg-type]
+        session = connect([nowhere, broker_address(BROKER2)], token=AUTH_TOKEN)
     except TypeError as err:
         report.skip(
             "connect([addresses])",

@@ -15,8 +15,9 @@ from typing import Final
 import psutil
 
 from pbt_server.client import connect
-from pbt_server.daemon import Pidfile, is_pbt_server
+from pbt_server.daemon import Pidfile
 from pbt_server.errors import ConnectionLost
+from tests.broker_process import alive
 from tests.cluster import netns
 from tests.cluster.topology import HEALTH_CHECK, METRICS_PORT, REPO, Host, broker_config
 
@@ -98,7 +99,7 @@ def stop(host: Host, timeout: float = 20.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(broker, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while is_pbt_server(broker):
+    while alive(broker):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(broker, signal.SIGKILL)

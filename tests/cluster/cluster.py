@@ -20,7 +20,7 @@ from functools import partial
 
 import psutil
 
-from pbt_server.daemon import is_pbt_server
+from tests.broker_process import alive
 from tests.cluster import brokers, haproxy, netns, postgres
 from tests.cluster.topology import (
     AUTH_TOKEN,
@@ -218,7 +218,7 @@ def process_groups() -> dict[str, set[int]]:
     groups: dict[str, set[int]] = {"brokers": set(), "workers": set()}
     for host in BROKERS:
         broker = brokers.pid(host)
-        if broker is not None and is_pbt_server(broker):
+        if broker is not None and alive(broker):
             groups["brokers"].add(broker)
             groups["workers"] |= set(brokers.worker_pids(host))
     groups["haproxy"] = set(netns.pids(BALANCER.namespace))

@@ -61,6 +61,7 @@ def watch_sequence(ctx: ChildSession) -> dict[str, str]:
     first_poll = time.monotonic()
     while highest < last and time.monotonic() < deadline:
         (top,) = ctx.db.execute("SELECT coalesce(max(seq), 0) FROM lag_probe").fetchone()
+        ctx.db.rollback()  # a task reads one snapshot; a new transaction takes a fresh one
         now = time.monotonic()
         polls += 1
         if top > highest:

@@ -156,14 +156,22 @@ class Connection:
             ledger.lost_connections.add((label, self.number))
 
 
+KEEPALIVE = 1.0
+"""Seconds of silence before a client pings: a frozen broker is noticed within ~2-3 s."""
+
+
 async def open_session(address: Address, seconds: float = 5.0) -> aio.Session:
-    return await aio.connect(address, token=AUTH_TOKEN, timeout=seconds)
+    return await aio.connect(address, token=AUTH_TOKEN, timeout=seconds, keepalive=KEEPALIVE)
 
 
-async def broker_of(page: aio.Page) -> int:
-    """The pid of the broker running ``page``'s session (its worker's parent)."""
+async def broker_of(session: aio.Session) -> int:
+    """The pid of the broker running ``session`` (its worker's parent), asked on a page of
+    its own: the triggers a page has when a task's outcome is dispatched are the ones run."""
+    page = await session.open_page("Whoami")
     task = await page.enqueue_background_task(WHOAMI, timeout=5000)
-    return int((await task.result())["broker_pid"])
+    broker = int((await task.result())["broker_pid"])
+    await page.close()
+    return broker
 
 
 class Driver:
@@ -209,7 +217,7 @@ class Driver:
                 ledger.trigger((label, number, task_id), "error", code)
                 return True  # handled: the ledger has it; no notification
 
-            broker = await broker_of(page)
+            broker = await broker_of(session)
             page.on_completed = completed
             page.on_error = failed
         except BaseException:

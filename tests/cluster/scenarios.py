@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from pbt_server.daemon import is_pbt_server
+from tests.broker_process import alive
 from tests.cluster import brokers
 from tests.cluster.basics import basics
 from tests.cluster.broker_outage import broker_failover, frozen_broker
@@ -44,7 +44,7 @@ from tests.cluster.topology import BROKERS
 def _check_alive() -> None:
     for host in BROKERS:
         pid = brokers.pid(host)
-        if pid is None or not is_pbt_server(pid):
+        if pid is None or not alive(pid):
             raise AssertionError(f"broker {host.name} is not running")
 
 

@@ -48,7 +48,7 @@ def test_broker_ini_is_a_valid_server_config_for_its_host(host):
     assert config.server.auth_token == AUTH_TOKEN
     assert config.server.socket_path == host.state / "pbt.sock"
     assert config.codeunits.modules == ("tests.cluster.codeunits",)
-    url = conninfo_to_dict(config.database.url)
+    url = conninfo_to_dict(config.database.url.text)
     assert (url["host"], url["dbname"], url["user"]) == (STANDBY.address, DATABASE, READER)
     assert url["password"] == READER_PASSWORD
 
