@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from pbt_server.errors import AuthenticationFailed, PbtError, ProtocolError
 from pbt_server.protocol import FrameDecoder, Hello, Request, encode_frame, parse_request
@@ -47,7 +47,8 @@ class ClientConnection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A read-write stream; uvloop's transports are that without subclassing asyncio's.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")

@@ -22,7 +22,7 @@ import os
 import socket
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from pbt_server.client._core import (
     Address,
@@ -135,7 +135,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A read-write stream; uvloop's transports are that without subclassing asyncio's.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
