@@ -31,6 +31,7 @@ __all__ = [
     "DatabaseSection",
     "ServerConfig",
     "ServerSection",
+    "WebSection",
     "WorkersSection",
     "load_config",
 ]
@@ -170,6 +171,27 @@ def _modules(text: str) -> tuple[str, ...]:
         if name in names[:i]:
             raise ValueError(f"lists '{name}' twice")
     return names
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(item.rstrip("/").lower() for item in re.split(r"[\s,]+", text) if item)
+    for origin in origins:
+        # A browser's Origin header is scheme://host[:port], nothing more; "*" would let any
+        # site's page run codeunits with the visitor's cookies.
+        if not re.fullmatch(r"https?://[^/\s?#@]+", origin):
+            raise ValueError(f"'{origin}' is not an origin like https://app.example.com")
+    return origins
+
+
+def _codeunit_ids(text: str) -> frozenset[int]:
+    ids: set[int] = set()
+    for item in re.split(r"[\s,]+", text):
+        if not item:
+            continue
+        if not re.fullmatch(r"[0-9]{1,18}", item):
+            raise ValueError(f"'{item}' is not a codeunit id")
+        ids.add(int(item))
+    return frozenset(ids)
 
 
 # --- reading one section ------------------------------------------------------------------
@@ -360,6 +382,31 @@ class CodeunitsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSection:
+    """``[Web]``: the browser bridge (``pbt-server web``, ``pbt_server.web.create_app``)."""
+
+    SECTION: ClassVar[str] = "Web"
+
+    reconnect_grace_ms: int
+    """ReconnectGrace: how long a tab's session outlives its dropped WebSocket, in ms."""
+    allowed_origins: tuple[str, ...]
+    """AllowedOrigins: origins whose pages may connect; empty = the request's own host."""
+    allowed_codeunits: frozenset[int]
+    """AllowedCodeunits: what a browser may enqueue when the app gives no authorize hook."""
+    max_message_bytes: int
+    """MaxMessageBytes: the largest WebSocket message a browser may send."""
+
+    @classmethod
+    def _from_ini(cls, r: _SectionReader) -> Self:
+        return cls(
+            reconnect_grace_ms=r.get("ReconnectGrace", "00:00:10", _timespan),
+            allowed_origins=r.get("AllowedOrigins", "", _origins),
+            allowed_codeunits=r.get("AllowedCodeunits", "", _codeunit_ids),
+            max_message_bytes=r.get("MaxMessageBytes", "65536", _int_in(1024, 1 << 26)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The whole of ``server.ini`` after environment overrides."""
 
@@ -368,6 +415,7 @@ class ServerConfig:
     workers: WorkersSection
     database: DatabaseSection
     codeunits: CodeunitsSection
+    web: WebSection
     source: Path | None
     """The file it was read from (absolute), or None for built-in defaults."""
 
@@ -378,6 +426,7 @@ _SECTIONS: Final[tuple[type[_Section], ...]] = (
     WorkersSection,
     DatabaseSection,
     CodeunitsSection,
+    WebSection,
 )
 _Given = dict[str, dict[str, _Value]]  # section -> lower-cased key -> value
 
@@ -413,6 +462,7 @@ def load_config(
         workers=read(WorkersSection),
         database=read(DatabaseSection),
         codeunits=read(CodeunitsSection),
+        web=read(WebSection),
         source=None if path is None else Path(os.path.abspath(path)),
     )
 
