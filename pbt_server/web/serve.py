@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -9,7 +11,24 @@ from pbt_server.config import ServerConfig
 
 
 def serve(app: ASGIApp, *, host: str, port: int, config: ServerConfig) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM (uvicorn's loop: uvloop when installed)."""
+    """Serve ``app`` until SIGINT/SIGTERM (uvicorn's loop: uvloop when installed).
+
+    Either signal is a graceful stop and the command exits 0: uvicorn raises the signal
+    again once it has shut down, and the handlers installed here take it.
+    """
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _run(app, host, port, config)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    """The signal uvicorn raises again after its graceful shutdown: nothing left to do."""
+
+
+def _run(app: ASGIApp, host: str, port: int, config: ServerConfig) -> None:
     uvicorn.run(
         app,
         host=host,
