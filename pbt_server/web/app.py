@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -19,6 +20,7 @@ from pbt_server.web.bridge import Bridge
 from pbt_server.web.tab import Address
 
 PBT_JS = resources.files("pbt_server.web").joinpath("static/pbt.js").read_bytes()
+PBT_JS_ETAG = '"' + hashlib.sha256(PBT_JS).hexdigest()[:20] + '"'
 
 
 def create_app(
@@ -63,11 +65,16 @@ def create_app(
     )
 
     async def script(request: Request) -> Response:
-        return Response(
-            PBT_JS,
-            media_type="text/javascript; charset=utf-8",
-            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
-        )
+        # Revalidated on every load (an upgraded server may speak a newer protocol), but a
+        # tab whose copy is current gets a 304 instead of the script.
+        headers = {
+            "Cache-Control": "no-cache",
+            "ETag": PBT_JS_ETAG,
+            "X-Content-Type-Options": "nosniff",
+        }
+        if request.headers.get("if-none-match") == PBT_JS_ETAG:
+            return Response(status_code=304, headers=headers)
+        return Response(PBT_JS, media_type="text/javascript; charset=utf-8", headers=headers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
