@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -24,7 +25,7 @@ class Access:
             browser's tasks see as ``ctx.context``.
     """
 
-    codeunits: frozenset[int] = frozenset()
+    codeunits: AbstractSet[int] = frozenset()
     context: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -194,6 +194,7 @@ class _Fields:
             raise ProtocolError(f"{self.op}: field {name!r} must be a string, got {_kind(value)}")
         if len(value) > MAX_TEXT:
             raise ProtocolError(f"{self.op}: field {name!r} is longer than {MAX_TEXT} characters")
+        _check_unicode(self.op, f"field {name!r}", value)
         return value
 
     def optional_text(self, name: str) -> str | None:
@@ -213,6 +214,7 @@ class _Fields:
                 raise ProtocolError(
                     f"{self.op}: parameter {_brief(key)} must be a string, got {_kind(item)}"
                 )
+            _check_unicode(self.op, f"parameter {_brief(key)}", key + item)
         return value
 
     def timeout(self, name: str) -> int | None:
@@ -264,6 +266,14 @@ _PARSERS: Final = {
     "cancel": lambda f: Cancel(f.integer("rid"), f.integer("page"), f.integer("task")),
     "ping": lambda f: Ping(f.integer("rid")),
 }
+
+
+def _check_unicode(op: str, what: str, text: str) -> None:
+    # JSON may spell a lone surrogate ("\ud800"); it is no text and cannot be sent on.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ProtocolError(f"{op}: {what} holds a lone surrogate at {err.start}") from None
 
 
 def encode(message: dict[str, object]) -> str:

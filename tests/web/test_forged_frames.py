@@ -51,6 +51,12 @@ FATAL: list[tuple[str, object, str]] = [
     ("deep nesting", "[" * 60_000 + "]" * 60_000, "limit 65536 bytes"),
     ("big number", '{"op": "ping", "rid": ' + "9" * 5000 + "}", "message is not JSON"),
     ("binary", b"\x00\x01", "binary WebSocket messages are not accepted"),
+    (
+        "lone surrogate",
+        '{"op": "set_record", "rid": 2, "page": 1, "record": "\\ud800"}',
+        "field 'record' holds a lone surrogate",
+    ),
+    ("surrogate key", {**ENQUEUE, "parameters": {"\ud800": "x"}}, "holds a lone surrogate"),
 ]
 
 

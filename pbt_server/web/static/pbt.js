@@ -310,6 +310,9 @@
       if (session.closed) throw closedError();
       if (this.closed) throw new PbtError("PageClosed", `page '${this.name}' is closed`);
       if (!Number.isSafeInteger(codeunitId) || codeunitId < 0) throw invalid(`codeunitId must be a non-negative integer, not ${codeunitId}`);
+      if (parameters !== null && (typeof parameters !== "object" || Array.isArray(parameters))) {
+        throw invalid(`parameters must be an object of strings, not ${Array.isArray(parameters) ? "an array" : typeof parameters}`);
+      }
       const copy = {};
       for (const [key, value] of Object.entries(parameters || {})) {
         if (typeof value !== "string") throw invalid(`parameter '${key}': value is ${typeof value}, not string`);
