@@ -1,7 +1,8 @@
 """The web app ``benchmarks/web_figures.py`` measures: the bridge at ``/pbt`` and two pages.
 
-- ``/cues``: the Role Center's five cues without their demo delays; records when the last
-  one was filled (``window.filledAt``, epoch ms).
+- ``/cues``: the Role Center's five cues without their demo delays; records when its session
+  was connected (``window.connectedAt``) and when the last cue was filled
+  (``window.filledAt``), epoch ms.
 - ``/tabs?n=200``: ``n`` iframes of ``/cues``, each a tab of its own (its own ``window.pbt``,
   WebSocket and session).
 - ``/rt``: ``roundTrips(n, codeunit)``: enqueue -> onCompleted, one after another; and
@@ -39,6 +40,7 @@ CUES = f"""<!doctype html><html><head><meta charset="utf-8"><title>Role Center</
 <span data-pbt-cue="{BLOCKED_BY_REASON}" data-pbt-result="All">-</span>
 </div>
 <script>
+pbt.connect().then(() => (window.connectedAt = performance.timeOrigin + performance.now()));
 new MutationObserver((changes, observer) => {{
   if (document.querySelectorAll('[data-pbt-state="done"]').length === 5) {{
     window.filledAt = performance.timeOrigin + performance.now();

@@ -143,27 +143,34 @@ def round_trips(n: int = 300, warmup: int = 30) -> dict[str, float]:
 
 
 def cue_fill(tabs: int = 1) -> dict[str, float]:
-    """Navigation start -> every cue of the Role Center filled, in ms, for ``tabs`` tabs."""
+    """Navigation start -> every cue of the Role Center filled, in ms, for ``tabs`` tabs.
+
+    Also the median of its two parts: navigation -> session connected (page and script
+    loaded, WebSocket opened: the browser's share), and connected -> filled (open the page,
+    enqueue three tasks, run them, deliver five results: the bridge's and the broker's).
+    """
     with stack() as running, chromium() as context:
         page = context.new_page()
         if tabs == 1:
             page.goto(running.url + "/cues")
-            page.wait_for_function("window.filledAt !== undefined", timeout=60_000)
-            one = page.evaluate("window.filledAt - performance.timeOrigin")
-            page.close()
-            return {"tabs": 1, "all_filled_ms": one, "median_tab_ms": one}
-        page.goto(f"{running.url}/tabs?n={tabs}")
-        tabs_js = "[...document.querySelectorAll('iframe')].map((f) => f.contentWindow)"
+            tabs_js = "[window]"
+        else:
+            page.goto(f"{running.url}/tabs?n={tabs}")
+            tabs_js = "[...document.querySelectorAll('iframe')].map((f) => f.contentWindow)"
         page.wait_for_function(
-            f"{tabs_js}.every((w) => w.filledAt !== undefined)", timeout=120_000, polling=50
+            f"{tabs_js}.length === {tabs} && {tabs_js}.every((w) => w.filledAt !== undefined)",
+            timeout=180_000,
+            polling=50,
         )
-        times = f"{tabs_js}.map((w) => [w.performance.timeOrigin, w.filledAt])"
+        times = f"{tabs_js}.map((w) => [w.performance.timeOrigin, w.connectedAt, w.filledAt])"
         top, frames = page.evaluate(f"[performance.timeOrigin, {times}]")
         page.close()
     return {
         "tabs": tabs,
-        "all_filled_ms": max(filled for _, filled in frames) - top,
-        "median_tab_ms": statistics.median(filled - origin for origin, filled in frames),
+        "all_filled_ms": max(filled for _, _, filled in frames) - top,
+        "median_tab_ms": statistics.median(filled - origin for origin, _, filled in frames),
+        "median_connect_ms": statistics.median(conn - origin for origin, conn, _ in frames),
+        "median_connected_to_filled_ms": statistics.median(f - c for _, c, f in frames),
     }
 
 
