@@ -43,6 +43,10 @@ from pbt_server.web.tab import Address, Tab, open_session
 log = logging.getLogger("pbt_server.web")
 
 HELLO_TIMEOUT: Final = 10.0
+# Broker connections opened at once: the broker's listen backlog is asyncio's default (100),
+# and a Unix socket whose backlog is full refuses at once (EAGAIN) instead of retrying, so a
+# burst of tabs (every tab reconnecting after a restart) would otherwise fail some of them.
+CONNECTING_AT_ONCE: Final = 32
 # The browser closed the session or left the page, or the WebSocket layer closed a socket
 # that broke its rules (protocol error, bad data, message too big): no grace for those.
 END_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009})
@@ -77,6 +81,7 @@ class Bridge:
         self.allowed_origins = tuple(allowed_origins)
         self.max_message = max_message
         self.tabs: dict[str, Tab] = {}  # by resume token
+        self._connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
         self._ending: set[asyncio.Task[None]] = set()
 
     # --- the WebSocket -----------------------------------------------------------------
@@ -129,7 +134,8 @@ class Bridge:
         else:
             if hello.seq:
                 raise ProtocolError("hello: seq without resume")
-            session = await open_session(self.address, self.token, access.context)
+            async with self._connecting:
+                session = await open_session(self.address, self.token, access.context)
             tab = Tab(session, access, secrets.token_urlsafe(24), self.end_soon)
             self.tabs[tab.token] = tab
             self._watch(tab)
