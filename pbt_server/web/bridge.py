@@ -239,12 +239,14 @@ class Bridge:
 
     def _watch(self, tab: Tab) -> None:
         # The asyncio client has no public "closed" callback yet; its connection's future is
-        # the one place that knows the broker went away.
-        disconnected: asyncio.Future[None] = tab.session._connection.disconnected
+        # the one place that knows the broker went away, and its core says why.
+        session = tab.session
+        disconnected: asyncio.Future[None] = session._connection.disconnected
 
         def lost(_: object) -> None:
             if not tab.ended:
-                self.end_soon(tab, ConnectionLost("the connection to pbt-server was lost"))
+                reason = session._core.ended_error()
+                self.end_soon(tab, ConnectionLost(f"pbt-server: {reason.text}"))
 
         disconnected.add_done_callback(lost)
 

@@ -140,6 +140,7 @@ def test_the_broker_going_away_closes_every_tab_with_the_reason(start_broker, st
     for error, code in run(main()):
         assert error is not None
         assert (error["code"], code) == ("ConnectionLost", 4502)
+        assert error["text"].startswith("pbt-server: the server shut down: "), error
     wait_until(lambda: not server.bridge.tabs)
 
 
