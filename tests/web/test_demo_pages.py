@@ -70,6 +70,15 @@ def test_customer_card_fills_the_factbox(web: WebServer, context):
     assert int(duration.removesuffix(" ms")) >= 300
     assert after > before
     assert page.locator("#customers button").count() == 25
+    # A task past its timeout: the error trigger is unhandled, so a Warning notification shows.
+    page.click("#run-timeout")
+    note = page.locator(".note[data-code='ChildSessionTaskTimeout']")
+    note.wait_for(timeout=20_000)
+    assert "Customer Card: ChildSessionTaskTimeout: Child Session task was terminated" in (
+        note.inner_text()
+    )
+    assert note.get_attribute("class") == "note Warning"
+    assert page.inner_text("#field-before") == "-"
     page.close()
 
 
