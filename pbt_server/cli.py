@@ -1,4 +1,5 @@
-"""The ``pbt-server`` command: ``run``, ``start``, ``stop``, ``status``, ``health``, ``demo``.
+"""The ``pbt-server`` command: ``run``, ``start``, ``stop``, ``status``, ``health``, ``web``
+and ``demo``.
 
 Exit codes: 0 success (``stop`` also when there was nothing to stop), 1 the command could not
 do its job (already running, not running for ``status`` and ``health``, failed to start or
@@ -60,7 +61,6 @@ def _build_parser() -> argparse.ArgumentParser:
         ("start", _start, "start the broker in the background"),
         ("stop", _stop, "stop the background broker gracefully"),
         ("health", _health, "exit 0 if the broker answers and has its workers, else 1"),
-        ("demo", _demo, "create the demo database and compute a cue in the background"),
     ]:
         commands.add_parser(name, parents=[common], help=text).set_defaults(handler=handler)
     status = commands.add_parser(
@@ -68,6 +68,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.set_defaults(handler=_status)
+    listen = argparse.ArgumentParser(add_help=False)
+    listen.add_argument("--host", default="127.0.0.1", help="address to serve HTTP on")
+    listen.add_argument("--port", type=int, default=8000, help="port to serve HTTP on")
+    web = commands.add_parser(
+        "web", parents=[common, listen], help="serve the browser bridge (needs pbt-server[web])"
+    )
+    web.set_defaults(handler=_web)
+    demo = commands.add_parser(
+        "demo",
+        parents=[common, listen],
+        help="create the demo database and compute a cue in the background",
+    )
+    demo.add_argument(
+        "--web", action="store_true", help="serve the Role Center and Customer Card pages instead"
+    )
+    demo.set_defaults(handler=_demo)
     return parser
 
 
@@ -187,10 +203,43 @@ def _operator_status(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.web:
+        config = _load_config(args)
+        if config is None:
+            return EXIT_USAGE
+        web_demo = _import_web("pbt_server.web.demo")
+        if web_demo is None:
+            return EXIT_FAILED
+        code: int = web_demo.main(config, _config_path(args), args.host, args.port)
+        return code
     from pbt_server import demo  # lazy: the demo is optional and heavier than the CLI
 
     result: int = demo.main(_config_path(args))
     return result
+
+
+def _web(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    if config is None:
+        return EXIT_USAGE
+    serve = _import_web("pbt_server.web.serve")
+    if serve is None:
+        return EXIT_FAILED
+    code: int = serve.main(config, args.host, args.port)
+    return code
+
+
+def _import_web(module: str) -> Any:
+    """Import a module of the web bridge; without the ``web`` extra say how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if err.name not in ("starlette", "uvicorn"):
+            raise
+        _error(f"pbt-server: the browser bridge needs {err.name}: pip install 'pbt-server[web]'")
+        return None
 
 
 # --- helpers -----------------------------------------------------------------------------

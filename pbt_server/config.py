@@ -40,6 +40,7 @@ __all__ = [
     "DatabaseUrl",
     "ServerConfig",
     "ServerSection",
+    "WebSection",
     "WorkersSection",
     "load_config",
     "render_ini",
@@ -204,6 +205,27 @@ def _modules(text: str) -> tuple[str, ...]:
         if name in names[:i]:
             raise ValueError(f"lists '{name}' twice")
     return names
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(item.rstrip("/").lower() for item in re.split(r"[\s,]+", text) if item)
+    for origin in origins:
+        # A browser's Origin header is scheme://host[:port], nothing more; "*" would let any
+        # site's page run codeunits with the visitor's cookies.
+        if not re.fullmatch(r"https?://[^/\s?#@]+", origin):
+            raise ValueError(f"'{origin}' is not an origin like https://app.example.com")
+    return origins
+
+
+def _codeunit_ids(text: str) -> frozenset[int]:
+    ids: set[int] = set()
+    for item in re.split(r"[\s,]+", text):
+        if not item:
+            continue
+        if not re.fullmatch(r"[0-9]{1,18}", item):
+            raise ValueError(f"'{item}' is not a codeunit id")
+        ids.add(int(item))
+    return frozenset(ids)
 
 
 # --- declaring a key ----------------------------------------------------------------------
@@ -484,6 +506,39 @@ class CodeunitsSection(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class WebSection(Section):
+    """``[Web]``: the browser bridge (``pbt-server web``, ``pbt_server.web.create_app``)."""
+
+    SECTION: ClassVar[str] = "Web"
+
+    reconnect_grace_ms: int = key(
+        "ReconnectGrace",
+        "00:00:10",
+        _timespan,
+        "how long a browser tab's session outlives its dropped WebSocket (a network blip)",
+    )
+    allowed_origins: tuple[str, ...] = key(
+        "AllowedOrigins",
+        "",
+        _origins,
+        "origins whose pages may connect (https://app.example.com, ...); empty = the"
+        " request's own host",
+    )
+    allowed_codeunits: frozenset[int] = key(
+        "AllowedCodeunits",
+        "",
+        _codeunit_ids,
+        "codeunit ids a browser may enqueue when the app gives no authorize hook; empty = none",
+    )
+    max_message_bytes: int = key(
+        "MaxMessageBytes",
+        "65536",
+        _int_in(1024, 1 << 26),
+        "the largest WebSocket message a browser may send, in bytes",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The whole of ``server.ini`` after environment overrides."""
 
@@ -492,6 +547,7 @@ class ServerConfig:
     workers: WorkersSection
     database: DatabaseSection
     codeunits: CodeunitsSection
+    web: WebSection
     source: Path | None
     """The file it was read from (absolute), or None for built-in defaults."""
 
@@ -502,6 +558,7 @@ SECTIONS: Final[tuple[type[Section], ...]] = (
     WorkersSection,
     DatabaseSection,
     CodeunitsSection,
+    WebSection,
 )
 _Given = dict[str, dict[str, _Value]]  # section -> lower-cased key -> value
 
@@ -534,6 +591,7 @@ def load_config(
         workers=read(WorkersSection),
         database=read(DatabaseSection),
         codeunits=read(CodeunitsSection),
+        web=read(WebSection),
         source=None if path is None else Path(os.path.abspath(path)),
     )
 

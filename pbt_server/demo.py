@@ -58,10 +58,7 @@ def create_database(path: Path, customers: int = CUSTOMERS) -> int:
 
 def main(config_path: Path | None) -> int:
     config = load_config(config_path)
-    db_path = config.database.url.path
-    if db_path is not None and not db_path.exists():
-        blocked = create_database(db_path)
-        print(f"created demo database {db_path}: {CUSTOMERS} customers, {blocked} blocked")
+    ensure_database(config)
     with _server(config, config_path) as session:
         _role_center_cue(session)
         _customer_card(session)
@@ -71,24 +68,43 @@ def main(config_path: Path | None) -> int:
 @contextmanager
 def _server(config: ServerConfig, config_path: Path | None) -> Iterator[Session]:
     socket = str(config.server.socket_path)
-    try:
-        session = connect(socket, timeout=2)
-    except ConnectionLost:
-        session = None
-    if session is not None:
-        print(f"using the pbt-server already running on {socket}")
-        with session:
+    with running_broker(config, config_path) as started:
+        if not started:
+            print(f"using the pbt-server already running on {socket}")
+        with connect(socket) as session:
             yield session
+
+
+def ensure_database(config: ServerConfig) -> None:
+    """Create the demo database if the configured SQLite file is missing."""
+    db_path = config.database.url.path
+    if db_path is not None and not db_path.exists():
+        blocked = create_database(db_path)
+        print(f"created demo database {db_path}: {CUSTOMERS} customers, {blocked} blocked")
+
+
+@contextmanager
+def running_broker(config: ServerConfig, config_path: Path | None) -> Iterator[bool]:
+    """Use the server listening on ``SocketPath``, or start one and stop it at the end.
+
+    Yields whether it started one.
+    """
+    socket = str(config.server.socket_path)
+    try:
+        connect(socket, timeout=2).close()
+    except ConnectionLost:
+        pass
+    else:
+        yield False
         return
     command = [sys.executable, "-m", "pbt_server", "run", "--daemon"]
     if config_path is not None:
         command += ["--config", str(config_path)]
     server = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     try:
-        session = _connect_when_ready(server, socket)
+        _connect_when_ready(server, socket).close()
         print(f"started pbt-server (pid {server.pid}) on {socket}; log: {config.server.log_file}")
-        with session:
-            yield session
+        yield True
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from pbt_server.budget import Budget
 from pbt_server.config import ServerSection
@@ -57,6 +57,9 @@ PENDING_PER_LISTENER: Final = 64  # connections that have not said hello yet, pe
 PENDING_PER_PEER: Final = 8  # ... of them from one TCP peer address
 WRITE_HIGH_WATER: Final = 4 << 20  # stop reading a client that does not read its events
 FD_RESERVE: Final = 64  # fds kept free beyond connections: listeners, log, forks, pipes
+# A burst of connects (200 browser tabs opening at once) must queue, not fail with EAGAIN;
+# the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG: Final = 1024
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +135,11 @@ class ClientConnection(asyncio.Protocol):
         return self.session_id != 0 or self.operator
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses; the methods are the same.
-        self.transport = transport  # type: ignore[assignment]
+        # A read-write stream; uvloop's transports are that without subclassing asyncio's.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
         self._connections.add(self)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         if self.tcp:
             tune_accepted(transport)
@@ -313,14 +317,18 @@ class Listeners:
         _remove_stale_socket(path)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
         try:
-            unix = await loop.create_unix_server(self.factory(handler, tcp=False), str(path))
+            unix = await loop.create_unix_server(
+                self.factory(handler, tcp=False), str(path), backlog=LISTEN_BACKLOG
+            )
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
         self.servers.append(unix)
         if self.section.tcp_address is not None:
             host, port = self.section.tcp_address
-            tcp = await loop.create_server(self.factory(handler, tcp=True), host, port)
+            tcp = await loop.create_server(
+                self.factory(handler, tcp=True), host, port, backlog=LISTEN_BACKLOG
+            )
             self.servers.append(tcp)
 
     def tcp_text(self) -> str:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 
@@ -64,6 +65,7 @@ class BrokerProcess:
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     process: subprocess.Popen[bytes] | None = None
     seen_workers: set[int] = field(default_factory=set)
+    RUNNER: ClassVar[tuple[str, ...]] = ("-m", "pbt_server")  # python's arguments before `run`
 
     @classmethod
     def start(
@@ -99,7 +101,7 @@ class BrokerProcess:
     def launch(self) -> None:
         with open(self.directory / "stderr.txt", "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pbt_server", "run", "--config", str(self.config)],
+                [sys.executable, *self.RUNNER, "run", "--config", str(self.config)],
                 cwd=REPO,
                 env=dict(os.environ, **self.env) if self.env else None,
                 stdin=subprocess.DEVNULL,

@@ -1,10 +1,14 @@
-"""The demo codeunits: the two examples the product started from (shared/seeds/).
+"""The demo codeunits: the two examples the product started from (shared/seeds/), plus the
+other cues and the customer list of the web demo's Role Center and Customer Card.
 
 - ``BackgroundTask`` (the blog's Role Center cue): counts blocked customers in the background.
 - ``50100 Wait`` (the docs' Customer Card example): waits ``Wait`` ms and returns
   Before/Duration/After.
+- ``CustomerCount``, ``BlockedByReason``: two more Role Center cues.
+- ``CustomerList``: the first ``Count`` customers, for the Customer Card's list.
 
-Both read through ``ctx.db``, which is read-only at the database level, and bind parameters.
+All read through ``ctx.db``, which is read-only at the database level, and bind parameters.
+``Delay`` (ms) stands in for the blog's Sleep: a cue that takes a moment to compute.
 """
 
 from __future__ import annotations
@@ -14,16 +18,26 @@ from datetime import datetime
 
 from pbt_server import ChildSession, codeunit
 
-BLOCKED_CUSTOMERS = 50101
 WAIT = 50100
+BLOCKED_CUSTOMERS = 50101
+CUSTOMER_COUNT = 50102
+BLOCKED_BY_REASON = 50103
+CUSTOMER_LIST = 50104
+DEMO_CODEUNITS = frozenset(
+    {WAIT, BLOCKED_CUSTOMERS, CUSTOMER_COUNT, BLOCKED_BY_REASON, CUSTOMER_LIST}
+)
+
+
+def _delay(ctx: ChildSession) -> None:
+    delay_ms = int(ctx.parameters.get("Delay", "0"))
+    if delay_ms:
+        time.sleep(delay_ms / 1000)
 
 
 @codeunit(BLOCKED_CUSTOMERS, name="BackgroundTask")
 def count_blocked_customers(ctx: ChildSession) -> dict[str, str]:
-    """Count blocked customers; ``Delay`` (ms) stands in for the blog's Sleep."""
-    delay_ms = int(ctx.parameters.get("Delay", "0"))
-    if delay_ms:
-        time.sleep(delay_ms / 1000)
+    """Count blocked customers."""
+    _delay(ctx)
     (blocked,) = ctx.db.execute(
         "SELECT count(*) FROM customer WHERE blocked <> ?", ("",)
     ).fetchone()
@@ -42,3 +56,33 @@ def wait(ctx: ChildSession) -> dict[str, str]:
         "Duration": f"{(after - before).total_seconds() * 1000:.0f} ms",
         "After": after.isoformat(sep=" ", timespec="milliseconds"),
     }
+
+
+@codeunit(CUSTOMER_COUNT, name="CustomerCount")
+def count_customers(ctx: ChildSession) -> dict[str, str]:
+    """Count all customers."""
+    _delay(ctx)
+    (customers,) = ctx.db.execute("SELECT count(*) FROM customer").fetchone()
+    return {"Customers": str(customers)}
+
+
+@codeunit(BLOCKED_BY_REASON, name="BlockedByReason")
+def count_blocked_by_reason(ctx: ChildSession) -> dict[str, str]:
+    """Blocked customers per reason: ``Ship``, ``Invoice``, ``All`` (0 when none)."""
+    _delay(ctx)
+    rows = ctx.db.execute(
+        "SELECT blocked, count(*) FROM customer WHERE blocked <> ? GROUP BY blocked", ("",)
+    ).fetchall()
+    counts = {"Ship": "0", "Invoice": "0", "All": "0"}
+    counts.update({str(reason): str(count) for reason, count in rows})
+    return counts
+
+
+@codeunit(CUSTOMER_LIST, name="CustomerList")
+def list_customers(ctx: ChildSession) -> dict[str, str]:
+    """The first ``Count`` customers by number: ``{no: name}``, blocked ones marked."""
+    count = min(int(ctx.parameters.get("Count", "20")), 1000)
+    rows = ctx.db.execute(
+        "SELECT no, name, blocked FROM customer ORDER BY no LIMIT ?", (count,)
+    ).fetchall()
+    return {no: f"{name} (blocked: {blocked})" if blocked else name for no, name, blocked in rows}

@@ -432,6 +432,13 @@ class Session(SessionBase):
             raise ClientClosed("events_fd needs connect(..., dispatch='manual')")
         return dispatcher.fileno()
 
+    def wait_closed(self, timeout: float | None = None) -> PbtError | None:
+        """Wait until the session has ended; return why (``ClientClosed`` if you closed it,
+        ``ConnectionLost`` with the reason if the broker went away), or None after
+        ``timeout`` seconds."""
+        self._reader.join(timeout)
+        return None if self._reader.is_alive() else self._core.ended_error()
+
     def close(self) -> None:
         """Close the session; the broker cancels its tasks. Idempotent.
 

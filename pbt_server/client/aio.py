@@ -23,7 +23,7 @@ import os
 import socket
 from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 # The names both flavours share come from the blocking one; __all__ is checked equal to its.
 from pbt_server.client import (
@@ -183,8 +183,9 @@ class _Connection(asyncio.Protocol):
         self._keepalive_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses; the methods are the same.
-        self.transport = transport  # type: ignore[assignment]
+        # A read-write stream; uvloop's transports are that without subclassing asyncio's.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -325,6 +326,12 @@ class Session(SessionBase):
             ConnectionLost: the connection broke.
         """
         return status_fields(await self._request("status", {}))
+
+    async def wait_closed(self) -> PbtError:
+        """Wait until the session has ended; return why (``ClientClosed`` if you closed it,
+        ``ConnectionLost`` with the reason if the broker went away)."""
+        await asyncio.shield(self._connection.disconnected)
+        return self._core.ended_error()
 
     async def close(self) -> None:
         """Close the session; the broker cancels its tasks. Idempotent.

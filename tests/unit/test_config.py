@@ -16,6 +16,7 @@ from pbt_server.config import (
     DatabaseUrl,
     ServerConfig,
     ServerSection,
+    WebSection,
     WorkersSection,
     keys,
     load_config,
@@ -42,6 +43,7 @@ CONTRACT_KEYS = {
     "Workers": {"Count", "MaxTasksPerWorker", "MaxMemoryMB"},
     "Database": {"Url"},
     "Codeunits": {"Modules"},
+    "Web": {"ReconnectGrace", "AllowedOrigins", "AllowedCodeunits", "MaxMessageBytes"},
 }
 DECLARED = {cls.SECTION: {spec.name for _, spec in keys(cls)} for cls in SECTIONS}
 
@@ -97,6 +99,12 @@ def test_defaults(tmp_path: Path) -> None:
             statement_timeout_ms=0,
         ),
         codeunits=CodeunitsSection(modules=("workers.demo",)),
+        web=WebSection(
+            reconnect_grace_ms=10_000,
+            allowed_origins=(),
+            allowed_codeunits=frozenset(),
+            max_message_bytes=65536,
+        ),
         source=None,
     )
 
@@ -214,6 +222,25 @@ Modules = workers.demo, mypkg.cues
         statement_timeout_ms=30_000,
     )
     assert config.codeunits.modules == ("workers.demo", "mypkg.cues", "mypkg.stats")
+
+
+def test_every_web_key_is_parsed(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        """
+[Web]
+ReconnectGrace = 00:00:02.500
+AllowedOrigins = https://ERP.example.com/, http://127.0.0.1:8000
+AllowedCodeunits = 50100 50101,50102
+MaxMessageBytes = 4096
+""",
+    )
+    assert config.web == WebSection(
+        reconnect_grace_ms=2500,
+        allowed_origins=("https://erp.example.com", "http://127.0.0.1:8000"),
+        allowed_codeunits=frozenset({50100, 50101, 50102}),
+        max_message_bytes=4096,
+    )
 
 
 def test_keys_and_sections_are_case_insensitive(tmp_path: Path) -> None:
@@ -339,6 +366,17 @@ BAD_VALUES = [
     ("Codeunits", "Modules", "workers.demo, my-cues", "'my-cues' is not a dotted module name"),
     ("Codeunits", "Modules", "workers.class", "'workers.class' is not a dotted module name"),
     ("Codeunits", "Modules", "a.b a.b", "lists 'a.b' twice"),
+    ("Web", "ReconnectGrace", "10", "not a timespan; expected [d.]hh:mm:ss[.fff], e.g. 00:02:00"),
+    ("Web", "AllowedOrigins", "*", "'*' is not an origin like https://app.example.com"),
+    (
+        "Web",
+        "AllowedOrigins",
+        "https://a.example/app",
+        "'https://a.example/app' is not an origin like https://app.example.com",
+    ),
+    ("Web", "AllowedCodeunits", "50100, all", "'all' is not a codeunit id"),
+    ("Web", "AllowedCodeunits", "-1", "'-1' is not a codeunit id"),
+    ("Web", "MaxMessageBytes", "100", "must be between 1024 and 67108864"),
 ]
 
 
@@ -373,7 +411,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     text = config_error(tmp_path, "[Wrkers]\nCount = 4\n")
     assert text == (
         f"{tmp_path / 'server.ini'}: [Wrkers]: unknown section (known: Server,"
-        " AsynchronousProcessing, Workers, Database, Codeunits)"
+        " AsynchronousProcessing, Workers, Database, Codeunits, Web)"
     )
 
 
