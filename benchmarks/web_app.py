@@ -26,9 +26,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from benchmarks.codeunits import NOOP
 from pbt_server.config import load_config
+from pbt_server.demo_ids import BLOCKED_BY_REASON, BLOCKED_CUSTOMERS, CUSTOMER_COUNT
 from pbt_server.web import Access, create_app
 from pbt_server.web.serve import serve
-from workers.demo import BLOCKED_BY_REASON, BLOCKED_CUSTOMERS, CUSTOMER_COUNT
 
 CUES = f"""<!doctype html><html><head><meta charset="utf-8"><title>Role Center</title>
 <script src="/pbt/pbt.js"></script></head><body>

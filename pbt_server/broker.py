@@ -92,7 +92,8 @@ from pbt_server.watchdog import Watchdog
 
 BOOT_TIMEOUT: Final = 60.0
 SUMMARY_INTERVAL: Final = 60.0  # seconds between INFO summaries of task outcomes
-STOP_GRACE: Final = 10.0  # for workers to exit, and again for clients to read their last words
+STOP_GRACE: Final = 10.0  # for idle workers to exit
+FLUSH_GRACE: Final = 2.0  # for clients to read their last words; then they are cut off
 OPERATOR_RESERVE: Final = 8  # operator connections beyond MaxConnections
 RESULT_OVERHEAD: Final = 256  # a completed event's own fields around the results map
 
@@ -242,7 +243,7 @@ class Broker:
                 connection.close()
         self.watchdog.stop()
         await self.pool.stop(STOP_GRACE)
-        await self.listeners.drain(STOP_GRACE)
+        await self.listeners.drain(FLUSH_GRACE)
         log.info("stopped")
 
     # --- requests (server.RequestHandler) -------------------------------------------------

@@ -47,6 +47,7 @@ class AlreadyRunning(PbtError):
     """Another pbt-server holds the pid file; ``.pid`` is its process id."""
 
     code = "AlreadyRunning"
+    sent = False
 
     def __init__(self, text: str = "", *, code: str | None = None, pid: int = 0) -> None:
         super().__init__(text or f"pbt-server is already running (pid {pid})", code=code)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from pbt_server.client import BackgroundTaskCanceled, ErrorLevel, Notification, Session, connect
 from pbt_server.config import ServerConfig, load_config
+from pbt_server.demo_ids import BLOCKED_CUSTOMERS, WAIT
 from pbt_server.errors import ConnectionLost
-from workers.demo import BLOCKED_CUSTOMERS, WAIT
 
 CUSTOMERS = 5000
 BLOCKED = ("Ship", "Invoice", "All")

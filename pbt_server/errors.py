@@ -27,6 +27,7 @@ class PbtError(Exception):
     """
 
     code: str = "PbtError"
+    sent: ClassVar[bool] = True  # the broker may answer a request with it (not inherited)
     _registry: ClassVar[dict[str, type[PbtError]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -54,11 +55,14 @@ def error_from_wire(code: str, text: str) -> PbtError:
 
 
 def request_error_codes() -> dict[str, type[PbtError]]:
-    """Every registered request-error code, with its class."""
+    """Every code the broker may answer a request with, with its class (the web bridge's
+    own codes for browsers are declared with it, in ``pbt_server.web``)."""
     return {
         code: cls
         for code, cls in PbtError._registry.items()
-        if not issubclass(cls, BackgroundTaskError | BackgroundTaskCanceled | CodeunitError)
+        if cls.__module__ == __name__
+        and vars(cls).get("sent", True)
+        and not issubclass(cls, BackgroundTaskError | BackgroundTaskCanceled | CodeunitError)
     }
 
 
@@ -71,6 +75,7 @@ class ConfigError(PbtError):
     """``server.ini`` (or a ``PBT_*`` override) has a bad section, key or value."""
 
     code = "ConfigError"
+    sent = False
 
 
 class ProtocolError(PbtError):
@@ -120,6 +125,7 @@ class BootFailed(PbtError):
     """The worker pool cannot start or keep workers running; the broker stops."""
 
     code = "BootFailed"
+    sent = False
 
 
 # --- enqueue failures: raised synchronously by enqueue_background_task ------------------
@@ -129,6 +135,7 @@ class EnqueueError(PbtError):
     """Base of the errors that make ``enqueue_background_task`` fail at once."""
 
     code = "EnqueueError"
+    sent = False
 
 
 class QueueFull(EnqueueError):
@@ -261,12 +268,14 @@ class ConnectionLost(PbtError):
     """The server went away (stopped, killed, or the network broke)."""
 
     code = "ConnectionLost"
+    sent = False
 
 
 class ClientClosed(PbtError):
     """You closed this client (or session, or page) and then used it."""
 
     code = "ClientClosed"
+    sent = False
 
 
 class CodeunitError(PbtError):
@@ -277,3 +286,29 @@ class CodeunitError(PbtError):
     """
 
     code = "CodeunitError"
+
+
+def render_markdown() -> str:
+    """The README's tables of codes: task error codes, cancel reasons, request errors."""
+    rows = ["| code | when |", "|---|---|"]
+    rows += [f"| `{code.value}` | {code.meaning} |" for code in ChildSessionCode]
+    rows.append(
+        "| the exception's class name | the codeunit raised (`CodeunitError(text, code=...)`"
+        " sets its own code) |"
+    )
+    rows += ["", "| cancel reason (`BackgroundTaskCanceled.code`) | when |", "|---|---|"]
+    rows += [f"| `{reason.value}` | {_CANCEL_MEANINGS[reason]} |" for reason in CancelReason]
+    rows += ["", "| request error code | class | when |", "|---|---|---|"]
+    for code, cls in sorted(request_error_codes().items()):
+        doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+        rows.append(f"| `{code}` | `{cls.__name__}` | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+_CANCEL_MEANINGS = {
+    CancelReason.CANCELED: "`cancel_background_task` (or the handle's `cancel()`)",
+    CancelReason.RECORD_CHANGED: "the page moved to another record (`set_record`)",
+    CancelReason.PAGE_CLOSED: "the page was closed",
+    CancelReason.SESSION_CLOSED: "the session was closed, or its connection dropped",
+    CancelReason.SERVER_SHUTTING_DOWN: "the server is stopping",
+}

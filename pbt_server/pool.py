@@ -89,7 +89,7 @@ class WorkerImage:
     """What the broker prepares once, before its loop and its first fork, for every worker."""
 
     codeunits: Mapping[int, Codeunit]
-    keep_sockets: frozenset[int]  # sockets the codeunit modules opened at import: theirs
+    keep_fds: frozenset[int]  # sockets etc. the codeunit modules opened at import: theirs
 
 
 def prepare_workers(codeunits: CodeunitsSection, database: DatabaseSection) -> WorkerImage:
@@ -113,7 +113,7 @@ def prepare_workers(codeunits: CodeunitsSection, database: DatabaseSection) -> W
             thread.name,
         )
     preload(database)
-    return WorkerImage(codeunits=found, keep_sockets=frozenset(proctree.socket_fds()))
+    return WorkerImage(codeunits=found, keep_fds=frozenset(proctree.shared_fds()))
 
 
 # --- workers ------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ class WorkerPool:
                 return  # a late word from an incarnation we already gave up on
             try:
                 if size > self._max_message:
-                    raise ProtocolError(f"sent a message of {size} bytes")
+                    raise ProtocolError(f"sent {size} bytes in one message")
                 self._handle(worker, message)
             except ProtocolError as err:
                 self._protocol_fault(worker, err.text)
@@ -549,7 +549,7 @@ class WorkerPool:
                 job_r=job_r,
                 res_w=res_w,
                 close_fds=(job_w, res_r, *self._inherited_fds()),
-                keep_sockets=self.image.keep_sockets,
+                keep_fds=self.image.keep_fds,
                 broker_pid=os.getpid(),
                 database=self.database,
                 max_result_bytes=self.max_result_bytes,

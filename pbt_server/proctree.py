@@ -112,13 +112,16 @@ def reap_orphans(workers: set[int]) -> int:
     return left
 
 
-def socket_fds() -> set[int]:
-    """The fds of this process that are sockets."""
+def shared_fds() -> set[int]:
+    """This process's sockets and anonymous-inode fds (epoll, eventfd, pidfd, timerfd...):
+    what a forked worker must not keep of the broker's, unless a codeunit module opened it."""
     found = set()
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode) or os.readlink(f"/proc/self/fd/{fd}").startswith(
+                "anon_inode:"
+            ):
                 found.add(fd)
         except OSError:
             continue

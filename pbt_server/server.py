@@ -53,8 +53,8 @@ from pbt_server.protocol import REQUESTS, FrameDecoder, Message, Request, encode
 HELLO_TIMEOUT_UNIX: Final = 10.0  # a connection that never says hello is closed
 HELLO_TIMEOUT_TCP: Final = 3.0  # a remote peer gets less time to hold a place
 HELLO_MAX_FRAME: Final = 4096  # before hello, nobody gets to make us buffer a large frame
-PENDING_PER_LISTENER: Final = 64  # connections that have not said hello yet, per listener
-PENDING_PER_PEER: Final = 8  # ... of them from one TCP peer address
+PENDING_PER_LISTENER: Final = 256  # connections that have not said hello yet, per listener
+PENDING_PER_PEER: Final = 16  # ... of them from one TCP peer, once the budget is half spent
 WRITE_HIGH_WATER: Final = 4 << 20  # stop reading a client that does not read its events
 FD_RESERVE: Final = 64  # fds kept free beyond connections: listeners, log, forks, pipes
 # A burst of connects (200 browser tabs opening at once) must queue, not fail with EAGAIN;
@@ -79,11 +79,21 @@ class Gate:
     peers: Counter[str] = field(default_factory=Counter)  # TCP peer host -> pending
 
     def admit(self, listener: str, peer: str | None) -> str | None:
-        """Take a place; return why there is none, or None."""
-        if self.pending[listener] >= self.per_listener:
+        """Take a place; return why there is none, or None.
+
+        A burst from one address (a proxy in front of the broker, a web bridge opening
+        sessions for many tabs) may use half the budget; beyond that, one peer may hold only
+        ``per_peer`` places, so a single source cannot take the rest from everyone else.
+        """
+        pending = self.pending[listener]
+        if pending >= self.per_listener:
             return f"{self.per_listener} connections on {listener} have not said hello yet"
-        if peer is not None and self.peers[peer] >= self.per_peer:
-            return f"{self.per_peer} connections from {peer} have not said hello yet"
+        if (
+            peer is not None
+            and pending >= self.per_listener // 2
+            and self.peers[peer] >= self.per_peer
+        ):
+            return f"{self.peers[peer]} connections from {peer} have not said hello yet"
         self.pending[listener] += 1
         if peer is not None:
             self.peers[peer] += 1

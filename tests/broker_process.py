@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import sqlite3
@@ -63,6 +64,7 @@ class BrokerProcess:
     socket: Path
     log: Path
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    nofile: int | None = None  # the broker's open-file limit, if not inherited
     process: subprocess.Popen[bytes] | None = None
     seen_workers: set[int] = field(default_factory=set)
     RUNNER: ClassVar[tuple[str, ...]] = ("-m", "pbt_server")  # python's arguments before `run`
@@ -73,6 +75,7 @@ class BrokerProcess:
         settings: Mapping[str, Mapping[str, str]] | None = None,
         *,
         env: Mapping[str, str] | None = None,
+        nofile: int | None = None,
     ) -> BrokerProcess:
         """Start a broker on a fresh directory and database; ``env`` adds variables to the
         environment it (and every process it starts) inherits."""
@@ -87,9 +90,15 @@ class BrokerProcess:
             "Database": {"Url": f"sqlite:///{directory}/test.db"},
         }
         config = directory / "server.ini"
-        write_ini(config, merge(BASE_SETTINGS, own, settings or {}))
+        merged = merge(BASE_SETTINGS, own, settings or {})
+        write_ini(config, merged)
         broker = cls(
-            directory, config, directory / "pbt.sock", directory / "pbt.log", dict(env or {})
+            directory,
+            config,
+            Path(merged["Server"]["SocketPath"]),
+            Path(merged["Server"]["LogFile"]),
+            dict(env or {}),
+            nofile,
         )
         try:
             broker.launch()
@@ -108,9 +117,14 @@ class BrokerProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,
+                preexec_fn=self._limit if self.nofile is not None else None,
             )
         wait_until(self._ready, timeout=30)
         self.seen_workers |= set(self.worker_pids())
+
+    def _limit(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _ready(self) -> bool:
         assert self.process is not None
@@ -134,7 +148,7 @@ class BrokerProcess:
         return connect(str(self.socket))
 
     def status(self) -> dict:
-        with self.connect() as session:
+        with connect(str(self.socket), operator=True) as session:  # works when full, too
             return session.status()
 
     def worker_pids(self) -> list[int]:

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -200,3 +201,187 @@ def import_socket(ctx: ChildSession) -> dict[str, str]:
         except FileNotFoundError:
             pass  # the directory listing's own fd
     return {"echo": _IMPORT_PAIR[1].recv(4).decode(), "sockets": str(len(sockets))}
+
+
+# --- hostile codeunits: what one task must not be able to do to another --------------------
+
+FORGE = 22
+LEAVE_BEHIND = 23
+FORK_AND_READ = 24
+HALF_READ = 25
+CONNECT_BACK = 26
+BEHAVE = 27
+DB_TWICE = 28
+DB_SLOW = 29
+ADVISORY = 30
+WAIT_FILE = 31
+
+
+def _worker_spec() -> Any:
+    """What a codeunit that digs through memory finds: its worker's fds."""
+    import gc
+
+    return next(o for o in gc.get_objects() if type(o).__name__ == "WorkerSpec")
+
+
+@codeunit(FORGE, name="Forge")
+def forge(ctx: ChildSession) -> dict[str, str]:
+    """Write a forged message to the result pipe the worker inherited."""
+    import msgpack
+
+    spec = _worker_spec()
+    kind = ctx.parameters.get("kind", "done-without-results")
+    job = max(int(o["job"]) for o in _runs())  # this task's job
+    forged: object
+    if kind == "done-without-results":
+        forged = {"op": "done", "gen": spec.gen, "job": job}
+    elif kind == "not-a-map":
+        forged = [1, 2, 3]
+    elif kind == "garbage":
+        os.write(spec.res_w, b"\xc1\xc1\xc1")
+        time.sleep(5)
+        return {}
+    elif kind == "other-job":
+        forged = {"op": "done", "gen": spec.gen, "job": job + 1000, "results": {}}
+    elif kind == "huge-results":
+        forged = {"op": "done", "gen": spec.gen, "job": job, "results": {"x": "y" * (4 << 20)}}
+    else:
+        raise ValueError(kind)
+    os.write(spec.res_w, msgpack.packb(forged))
+    time.sleep(5)  # the broker must not wait for us to fail this task
+    return {}
+
+
+def _runs() -> list[dict[str, Any]]:
+    import gc
+
+    return [o for o in gc.get_objects() if type(o) is dict and o.get("op") == "run" and "job" in o]
+
+
+@codeunit(LEAVE_BEHIND, name="LeaveBehind")
+def leave_behind(ctx: ChildSession) -> dict[str, str]:
+    """Change the worker process the way a careless codeunit might, then return."""
+    import resource
+
+    what = ctx.parameters.get("what", "")
+    if what == "thread":
+        threading.Thread(target=time.sleep, args=(30,), daemon=True, name="leftover").start()
+    elif what == "alarm":
+        signal.alarm(100)
+    elif what == "handler":
+        signal.signal(signal.SIGUSR2, lambda *args: None)
+    elif what == "rlimit":
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    elif what == "cwd":
+        os.chdir("/")
+    elif what == "environ":
+        os.environ["LEFT_BEHIND"] = "1"
+    elif what == "child":
+        subprocess.Popen(["sleep", "30"])
+    elif what:
+        raise ValueError(what)
+    return {"pid": str(os.getpid())}
+
+
+@codeunit(FORK_AND_READ, name="ForkAndRead")
+def fork_and_read(ctx: ChildSession) -> dict[str, str]:
+    """Fork a copy of the worker and let it try to read jobs and answer them."""
+    spec = _worker_spec()
+    report = ctx.parameters["report"]
+    pid = os.fork()
+    if pid == 0:
+        outcome = []
+        for name, fd in (("job", spec.job_r), ("result", spec.res_w)):
+            try:
+                os.fstat(fd)
+                outcome.append(f"{name}:open")
+            except OSError:
+                outcome.append(f"{name}:closed")
+        with open(report, "w") as f:
+            f.write(" ".join(outcome))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return {"pid": str(os.getpid())}
+
+
+@codeunit(HALF_READ, name="HalfRead")
+def half_read(ctx: ChildSession) -> dict[str, str]:
+    """Read one row of many and keep the cursor: its read must still end with the task."""
+    rows = ctx.db.execute("SELECT id FROM customer")
+    global _KEPT
+    _KEPT = rows
+    return {"first": str(rows.fetchone()[0])}
+
+
+_KEPT: Any = None
+
+
+@codeunit(CONNECT_BACK, name="ConnectBack")
+def connect_back(ctx: ChildSession) -> dict[str, str]:
+    """A child session trying to start background tasks of its own."""
+    from pbt_server import in_child_session
+    from pbt_server.client import connect
+
+    try:
+        connect(ctx.parameters["socket"], timeout=2)
+    except Exception as err:
+        return {
+            "inside": str(in_child_session()),
+            "code": getattr(err, "code", ""),
+            "text": str(err),
+        }
+    return {"inside": str(in_child_session()), "code": "", "text": "connected"}
+
+
+@codeunit(BEHAVE, name="Behave")
+def behave(ctx: ChildSession) -> dict[str, str]:
+    return {"pid": str(os.getpid()), "context": repr(dict(ctx.context))}
+
+
+@codeunit(DB_TWICE, name="DbTwice")
+def db_twice(ctx: ChildSession) -> dict[str, str]:
+    """Count twice, waiting for a file between: one snapshot per task sees the same count."""
+    (first,) = ctx.db.execute("SELECT count(*) FROM customer").fetchone()
+    started = ctx.parameters["started"]
+    with open(started, "w") as f:
+        f.write("1")
+    go = ctx.parameters["go"]
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    (second,) = ctx.db.execute("SELECT count(*) FROM customer").fetchone()
+    return {"first": str(first), "second": str(second)}
+
+
+@codeunit(DB_SLOW, name="DbSlow")
+def db_slow(ctx: ChildSession) -> dict[str, str]:
+    """A statement that runs for seconds (StatementTimeout stops it)."""
+    if ctx.db.backend == "postgresql":
+        ctx.db.execute("SELECT pg_sleep(10)").fetchone()
+    else:
+        ctx.db.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n"
+        ).fetchone()
+    return {}
+
+
+@codeunit(ADVISORY, name="Advisory")
+def advisory(ctx: ChildSession) -> dict[str, str]:
+    """Take two advisory locks in the given order, with a pause between (a deadlock pair)."""
+    first, second = int(ctx.parameters["first"]), int(ctx.parameters["second"])
+    ctx.db.execute("SELECT pg_advisory_xact_lock(%s)", (first,)).fetchone()
+    time.sleep(float(ctx.parameters.get("pause", "0.5")))
+    ctx.db.execute("SELECT pg_advisory_xact_lock(%s)", (second,)).fetchone()
+    return {}
+
+
+@codeunit(WAIT_FILE, name="WaitFile")
+def wait_file(ctx: ChildSession) -> dict[str, str]:
+    """Write ``started``, then wait (up to 20 s) until the file ``go`` exists."""
+    with open(ctx.parameters["started"], "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + 20
+    while not os.path.exists(ctx.parameters["go"]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return {"pid": str(os.getpid())}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -33,8 +34,8 @@ def start_broker() -> Iterator[Callable[..., BrokerProcess]]:
     """Start brokers with their own settings; all are stopped and checked at the end."""
     started: list[BrokerProcess] = []
 
-    def start(settings: dict[str, dict[str, str]] | None = None) -> BrokerProcess:
-        process = BrokerProcess.start(settings)
+    def start(settings: dict[str, dict[str, str]] | None = None, **kw: Any) -> BrokerProcess:
+        process = BrokerProcess.start(settings, **kw)
         started.append(process)
         return process
 

@@ -1,5 +1,6 @@
-"""The demo codeunits: the two examples the product started from (shared/seeds/), plus the
-other cues and the customer list of the web demo's Role Center and Customer Card.
+"""The demo codeunits: the two examples the product started from (a Role Center cue and the
+Customer Card's ``Wait``), plus the other cues and the customer list of the web demo's Role
+Center and Customer Card.
 
 - ``BackgroundTask`` (the blog's Role Center cue): counts blocked customers in the background.
 - ``50100 Wait`` (the docs' Customer Card example): waits ``Wait`` ms and returns
@@ -17,15 +18,16 @@ import time
 from datetime import datetime
 
 from pbt_server import ChildSession, codeunit
-
-WAIT = 50100
-BLOCKED_CUSTOMERS = 50101
-CUSTOMER_COUNT = 50102
-BLOCKED_BY_REASON = 50103
-CUSTOMER_LIST = 50104
-DEMO_CODEUNITS = frozenset(
-    {WAIT, BLOCKED_CUSTOMERS, CUSTOMER_COUNT, BLOCKED_BY_REASON, CUSTOMER_LIST}
+from pbt_server.demo_ids import (
+    BLOCKED_BY_REASON,
+    BLOCKED_CUSTOMERS,
+    CUSTOMER_COUNT,
+    CUSTOMER_LIST,
+    DEMO_CODEUNITS,
+    WAIT,
 )
+
+__all__ = ["DEMO_CODEUNITS"]
 
 
 def _delay(ctx: ChildSession) -> None:

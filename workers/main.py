@@ -26,7 +26,7 @@ from typing import Any, Final
 from pbt_server.codeunits import CHILD_SESSION_VARIABLE, ChildSession, lookup
 from pbt_server.config import DatabaseSection
 from pbt_server.errors import ChildSessionCode, CodeunitError, UnknownCodeunit
-from pbt_server.proctree import socket_fds
+from pbt_server.proctree import shared_fds
 from pbt_server.protocol import MAX_TEXT, Run, pack, pipe_unpacker
 from workers.cleanliness import Baseline
 from workers.database import DatabaseUnavailable, error_code, open_database
@@ -48,7 +48,7 @@ class WorkerSpec:
     job_r: int
     res_w: int
     close_fds: tuple[int, ...]
-    keep_sockets: frozenset[int]  # open before the broker started serving: codeunit modules'
+    keep_fds: frozenset[int]  # open before the broker started serving: codeunit modules'
     broker_pid: int
     database: DatabaseSection
     max_result_bytes: int
@@ -79,7 +79,7 @@ def run_worker(spec: WorkerSpec) -> None:
 
 def _prologue(spec: WorkerSpec) -> None:
     # The broker's asyncio loop installed handlers and a wakeup fd; inherited, they would make
-    # a SIGTERM sent to this worker run the broker's handler (cpython #94454).
+    # a SIGTERM sent to this worker run the broker's handler (python/cpython#94454).
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the broker; it stops us
@@ -88,7 +88,7 @@ def _prologue(spec: WorkerSpec) -> None:
         # Our records go to the broker's log through multiprocessing-logging's queue; the
         # broker's own queue handler (and its listener thread) did not survive the fork.
         logging.getLogger().handlers = [spec.log_handler]
-    _close_inherited(spec.close_fds, spec.keep_sockets)
+    _close_inherited(spec.close_fds, spec.keep_fds)
     # Die with the broker, even if it is SIGKILLed: orphaned workers would hold pipes forever.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != spec.broker_pid:
@@ -132,14 +132,15 @@ def _watch_forks(spec: WorkerSpec) -> Baseline:
     return baseline
 
 
-def _close_inherited(fds: tuple[int, ...], keep_sockets: frozenset[int]) -> None:
-    """Close the broker's fds: other workers' pipes, and every socket the broker opened to
-    serve (listeners, clients: a client would see no EOF while we held its socket). Sockets
-    that existed before, opened by codeunit modules at import, stay: their Python objects
-    still own those fd numbers."""
+def _close_inherited(fds: tuple[int, ...], keep_fds: frozenset[int]) -> None:
+    """Close the broker's fds: other workers' pipes, every socket the broker opened to serve
+    (listeners, clients: a client would see no EOF while we held its socket), and its event
+    loop's epoll and other anonymous inodes (a codeunit could register fds on the broker's
+    epoll and make it spin). What existed before, opened by codeunit modules at import,
+    stays: their Python objects still own those fd numbers."""
     for fd in fds:
         _close(fd)
-    for fd in socket_fds() - keep_sockets:
+    for fd in shared_fds() - keep_fds:
         _close(fd)
 
 

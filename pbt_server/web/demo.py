@@ -18,10 +18,10 @@ from starlette.routing import Mount, Route
 
 from pbt_server.config import ServerConfig
 from pbt_server.demo import ensure_database, running_broker
+from pbt_server.demo_ids import DEMO_CODEUNITS
 from pbt_server.web.access import Access, Authorize
 from pbt_server.web.app import create_app
 from pbt_server.web.serve import serve
-from workers.demo import DEMO_CODEUNITS
 
 _PAGES = resources.files("pbt_server.web").joinpath("pages")
 _FILES = {

@@ -143,3 +143,17 @@ def test_the_protocol_docstring_is_the_declarations():
     assert documented == protocol.describe(), (
         "pbt_server/protocol.py's tables drifted from its declarations; paste describe()'s"
     )
+
+
+def test_the_readme_lists_every_code_the_server_sends():
+    from pathlib import Path
+
+    from pbt_server.errors import render_markdown
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- codes:begin -->\n", "<!-- codes:end -->"
+    table = text[text.index(begin) + len(begin) : text.index(end)]
+    assert table == render_markdown(), (
+        "README.md's code tables drifted: paste"
+        " `python -c 'from pbt_server.errors import render_markdown as r; print(r(), end=\"\")'`"
+    )

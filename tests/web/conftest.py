@@ -19,13 +19,13 @@ from starlette.routing import Route
 
 from pbt_server.config import ServerConfig, load_config
 from pbt_server.demo import create_database
+from pbt_server.demo_ids import DEMO_CODEUNITS
 from pbt_server.web import Access
 from pbt_server.web.demo import create_demo_app
 from tests import codeunits as cu
 from tests.broker_process import BrokerProcess
 from tests.web import codeunits as web_cu
 from tests.web.server import CHROMIUM, CHROMIUM_ARGS, WebServer
-from workers.demo import DEMO_CODEUNITS
 
 CUSTOMERS = 300
 UNREGISTERED = 4242  # allowed to the test user, registered nowhere

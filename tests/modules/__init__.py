@@ -1,0 +1,1 @@
+"""Codeunit modules that misbehave at import (the broker imports them at start)."""
