@@ -162,6 +162,9 @@ async def connect(
     raise ConnectionLost("; ".join(errors))
 
 
+_SETTLE_TURNS = 3  # loop turns between a TaskId's return and its trigger
+
+
 def _factory(connection: _Connection) -> Callable[[], _Connection]:
     return lambda: connection
 
@@ -401,9 +404,13 @@ class Session(SessionBase):
     async def _dispatch(self) -> None:
         work_queue = self._connection.work
         while (work := await work_queue.get()) is not None:
-            if not is_due(work):
-                assert isinstance(work, BackgroundTask)
-                await work._returned_event.wait()  # the caller has its TaskId first
+            if isinstance(work, BackgroundTask):
+                if not is_due(work):
+                    await work._returned_event.wait()  # the caller has its TaskId first
+                # ... also a caller that awaits the enqueue through asyncio.wait_for or a
+                # task of its own, which resumes a loop turn or two after the call returned
+                for _ in range(_SETTLE_TURNS):
+                    await asyncio.sleep(0)
             if isinstance(work, TaskBase):
                 self._core.decide(work)
                 self._connection.flush()
