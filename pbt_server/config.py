@@ -446,7 +446,11 @@ class WorkersSection(Section):
     SECTION: ClassVar[str] = "Workers"
 
     count: int = key(
-        "Count", "4", _int_in(1, 256), "pre-started worker processes shared by all sessions"
+        "Count",
+        "5",
+        _int_in(1, 256),
+        "pre-started worker processes shared by all sessions; 5 lets one session run its"
+        " ChildSessionsMaxConcurrency (5) at once",
     )
     max_tasks_per_worker: int = key(
         "MaxTasksPerWorker", "0", _int_in(0), "recycle a worker after this many tasks; 0 = never"

@@ -89,7 +89,7 @@ def test_defaults(tmp_path: Path) -> None:
             max_timeout_ms=600_000,
         ),
         workers=WorkersSection(
-            count=4, max_tasks_per_worker=0, max_memory_mb=0, ack_timeout_ms=5000
+            count=5, max_tasks_per_worker=0, max_memory_mb=0, ack_timeout_ms=5000
         ),
         database=DatabaseSection(
             url=DatabaseUrl(
@@ -518,7 +518,7 @@ def test_other_pbt_variables_are_ignored(tmp_path: Path) -> None:
     }
     config = load(tmp_path, "", environ)
     assert config.server.socket_path == tmp_path / "var" / "pbt.sock"
-    assert config.workers.count == 4
+    assert config.workers.count == 5
 
 
 def test_env_can_switch_tcp_off(tmp_path: Path) -> None:
