@@ -101,9 +101,9 @@ log = logging.getLogger("pbt_server.broker")
 
 
 class End(enum.Enum):
-    """Why a task handed to a worker ended other than by the worker's own answer."""
+    """Why a task handed to a worker ended other than by the worker's own answer (a
+    timeout is ended by ``_task_timeout``, after its worker's stack dump)."""
 
-    TIMEOUT = "timeout"
     MEMORY = "memory"
     NO_ACK = "no ack"
     CRASH = "crash"
@@ -407,14 +407,6 @@ class Broker:
         match cause:
             case End.CANCEL:
                 return
-            case End.TIMEOUT:
-                log.warning(
-                    "task s%d/t%d timed out after %d ms; its worker was killed",
-                    task.session.id,
-                    task.id,
-                    task.timeout_ms,
-                )
-                self._fail(task, ChildSessionCode.TASK_TIMEOUT, TASK_TIMEOUT_TEXT)
             case End.MEMORY:
                 log.warning("task s%d/t%d: %s", task.session.id, task.id, text)
                 self._fail(task, ChildSessionCode.MEMORY_LIMIT, text)
@@ -501,7 +493,23 @@ class Broker:
     # --- watchdog -------------------------------------------------------------------------
 
     def _timed_out(self, task: Task) -> None:
-        self._end_running(task, End.TIMEOUT, "timed out")
+        # The stuck code's stack first (a few ms at most), then the kill and the error.
+        reason = f"task s{task.session.id}/t{task.id}: timed out"
+        self.pool.abort_with_stack(task, reason, lambda stack: self._task_timeout(task, stack))
+
+    def _task_timeout(self, task: Task, stack: str) -> None:
+        if task.state is not TaskState.RUNNING:
+            return  # cancelled while its stack was being taken: that was its outcome
+        self.watchdog.disarm(task)
+        log.warning(
+            "task s%d/t%d timed out after %d ms; its worker was killed; its stack:\n%s",
+            task.session.id,
+            task.id,
+            task.timeout_ms,
+            stack,
+        )
+        self._fail(task, ChildSessionCode.TASK_TIMEOUT, TASK_TIMEOUT_TEXT, stack)
+        self._dispatch()
 
     def _not_acknowledged(self, task: Task) -> None:
         ack = self.config.workers.ack_timeout_ms / 1000

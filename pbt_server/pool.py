@@ -23,6 +23,7 @@ Worker states::
     BOOTING --ready--> IDLE --assign--> BUSY --done/failed--> IDLE
        |                 |                |       (or RETIRING: a task left something
        |                 |                |        behind, or MaxTasksPerWorker reached)
+       |                 |                +--timeout--> DUMPING --stack or 10 ms--> KILLED
        +--------+--------+-------+--------+
                 |                |
             retire/stop       abort/kill/protocol fault
@@ -55,7 +56,7 @@ from pbt_server.logs import queue_fds, retire_worker_handler
 from pbt_server.proctree import describe_exit
 from pbt_server.protocol import FROM_WORKER, Run, brief, pack, pipe_unpacker
 from workers.database import preload
-from workers.main import EXIT_BOOT_FAILURE, WorkerSpec, run_worker
+from workers.main import EXIT_BOOT_FAILURE, STACK_SIGNAL, WorkerSpec, run_worker
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -72,6 +73,9 @@ STANDBY: Final = -1  # the slot number of the standby worker
 STANDBY_REFILL_DELAY: Final = 0.02  # let the work a kill freed go first, then fork
 SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)
 MESSAGE_OVERHEAD: Final = 256  # a pipe message's own fields around a result or error text
+STACK_QUIET: Final = 0.002  # the dump is complete when the pipe is quiet this long ...
+STACK_WAIT: Final = 0.010  # ... or after this, whatever came (a stopped worker sends none)
+STACK_LIMIT: Final = 8192  # bytes of a dump that reach the error and the log
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,7 @@ class WorkerState(enum.Enum):
     BOOTING = "booting"
     IDLE = "idle"
     BUSY = "busy"
+    DUMPING = "dumping"  # its task timed out: dumping its stack, then killed; says nothing more
     RETIRING = "retiring"  # job pipe closed; exits when it reads EOF
     KILLED = "killed"  # SIGKILLed by us; waiting to be reaped
     DEAD = "dead"
@@ -140,6 +145,7 @@ class Worker:
     res_r: int
     pidfd: int
     unpacker: msgpack.Unpacker
+    stack_r: int = -1  # where its stack dump arrives
     state: WorkerState = WorkerState.BOOTING
     task: Task | None = None
     tasks_done: int = 0
@@ -161,6 +167,11 @@ class Worker:
             return int(self._ps.memory_info().rss)
         except psutil.Error:
             return 0
+
+
+_SILENCED: Final = frozenset({WorkerState.DUMPING, WorkerState.KILLED, WorkerState.DEAD})
+# A worker in these states was ended (or is being ended) by the pool: its death is no news.
+_ENDED_BY_US: Final = frozenset({WorkerState.DUMPING, WorkerState.KILLED, WorkerState.RETIRING})
 
 
 class PoolListener(Protocol):
@@ -319,6 +330,60 @@ class WorkerPool:
         self._kill(worker, reason)
         return True
 
+    def abort_with_stack(self, task: Task, reason: str, then: Callable[[str], None]) -> None:
+        """Like :meth:`abort`, but first ask the worker for its threads' Python stacks; call
+        ``then(stack)`` once it is killed, at most ``STACK_WAIT`` later (``stack`` says so
+        when none came: a worker stopped, or stuck where no signal is handled)."""
+        worker = self._running.get(task.job)
+        if worker is None:
+            then("")
+            return
+        worker.state = WorkerState.DUMPING  # BUSY -> DUMPING: its answers no longer count
+        dump = bytearray()
+        started = self.loop.time()
+        timer: list[asyncio.TimerHandle] = []
+        finished: list[bool] = []
+
+        def finish() -> None:
+            if finished:
+                return
+            finished.append(True)
+            if worker.state is WorkerState.DUMPING:  # not dead by itself meanwhile
+                self.loop.remove_reader(worker.stack_r)
+                self._kill(worker, reason)
+            text = dump[:STACK_LIMIT].decode("utf-8", "replace")
+            if not text:
+                text = (
+                    f"(no stack: the worker did not answer {STACK_SIGNAL.name} within"
+                    f" {STACK_WAIT * 1000:.0f} ms: stopped, or stuck where no signal is handled)"
+                )
+            elif len(dump) > STACK_LIMIT:
+                text += f"\n(… {len(dump) - STACK_LIMIT} more bytes)"
+            then(text)
+
+        def readable() -> None:
+            try:
+                data = os.read(worker.stack_r, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            timer[0].cancel()
+            if not data:  # the worker is gone: nothing more will come
+                finish()
+                return
+            dump.extend(data)
+            wait = min(STACK_QUIET, started + STACK_WAIT - self.loop.time())
+            timer[0] = self.loop.call_later(max(wait, 0.0), finish)
+
+        timer.append(self.loop.call_later(STACK_WAIT, finish))
+        self.loop.add_reader(worker.stack_r, readable)
+        try:
+            signal.pidfd_send_signal(worker.pidfd, STACK_SIGNAL)
+        except OSError:
+            timer[0].cancel()
+            finish()
+
     def running(self) -> Iterator[tuple[Task, Worker]]:
         """The tasks handed to workers, with their workers."""
         for worker in self._running.values():
@@ -388,7 +453,7 @@ class WorkerPool:
                 return
             end = unpacker.tell()
             size, start = end - start, end
-            if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
+            if worker.state in _SILENCED:
                 return  # a late word from an incarnation we already gave up on
             try:
                 if size > self._max_message:
@@ -472,7 +537,7 @@ class WorkerPool:
         return task
 
     def _protocol_fault(self, worker: Worker, what: str) -> None:
-        if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
+        if worker.state in _SILENCED:
             return
         text = f"worker {worker.pid} broke the pipe protocol: {what}"
         log.error("%s; killed", text)
@@ -538,8 +603,11 @@ class WorkerPool:
             opened += (job_r, job_w)
             res_r, res_w = os.pipe()
             opened += (res_r, res_w)
+            stack_r, stack_w = os.pipe()
+            opened += (stack_r, stack_w)
             os.set_blocking(job_w, False)
             os.set_blocking(res_r, False)
+            os.set_blocking(stack_r, False)
             self._gen += 1
             if self.log_handler_factory is not None:
                 handler = self.log_handler_factory(f"pbt-worker-log-{slot}.{self._gen}")
@@ -548,7 +616,8 @@ class WorkerPool:
                 gen=self._gen,
                 job_r=job_r,
                 res_w=res_w,
-                close_fds=(job_w, res_r, *self._inherited_fds()),
+                close_fds=(job_w, res_r, stack_r, *self._inherited_fds()),
+                stack_w=stack_w,
                 keep_fds=self.image.keep_fds,
                 broker_pid=os.getpid(),
                 database=self.database,
@@ -570,7 +639,8 @@ class WorkerPool:
             raise
         os.close(job_r)
         os.close(res_w)
-        opened = [job_w, res_r]
+        os.close(stack_w)
+        opened = [job_w, res_r, stack_r]
         pid = process.pid
         assert pid is not None
         with contextlib.suppress(OSError):
@@ -584,7 +654,7 @@ class WorkerPool:
             discard()
             raise
         unpacker = pipe_unpacker(self._max_message + (1 << 16))  # one message, one read more
-        worker = Worker(slot, self._gen, process, pid, job_w, res_r, pidfd, unpacker)
+        worker = Worker(slot, self._gen, process, pid, job_w, res_r, pidfd, unpacker, stack_r)
         worker.log_handler = handler
         if slot == STANDBY:
             self.standby = worker
@@ -600,7 +670,8 @@ class WorkerPool:
         and log queues (holding a dead worker's queue open would keep its reader waiting)."""
         fds: list[int] = list(self.private_fds())
         for worker in self.workers():
-            fds += (worker.job_w, worker.res_r, worker.pidfd, worker.process.sentinel)
+            fds += (worker.job_w, worker.res_r, worker.stack_r, worker.pidfd)
+            fds.append(worker.process.sentinel)
             if worker.log_handler is not None:
                 fds += queue_fds(worker.log_handler)
         return [fd for fd in fds if fd >= 0]
@@ -665,6 +736,8 @@ class WorkerPool:
         code = worker.process.exitcode
         self.loop.remove_reader(worker.res_r)
         os.close(worker.res_r)
+        self.loop.remove_reader(worker.stack_r)
+        os.close(worker.stack_r)
         self._close_job_pipe(worker)
         worker.process.close()
         if worker.log_handler is not None:
@@ -675,7 +748,7 @@ class WorkerPool:
         self._others.discard(worker)
         self._reaped.set()
         self._reap_orphans_later()  # what the worker started is ours now (subreaper)
-        if previous in (WorkerState.KILLED, WorkerState.RETIRING) or self._stopping:
+        if previous in _ENDED_BY_US or self._stopping:
             return
         how = describe_exit(code)
         if previous is WorkerState.BOOTING:
@@ -688,7 +761,7 @@ class WorkerPool:
             self.listener.task_lost(task, text, started_elsewhere_ok=True)
 
     def _read_until_eof(self, worker: Worker) -> None:
-        while worker.state not in (WorkerState.DEAD, WorkerState.KILLED):
+        while worker.state not in _SILENCED:
             try:
                 data = os.read(worker.res_r, 1 << 16)
             except OSError:

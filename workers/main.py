@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from workers.database import DatabaseUnavailable, error_code, open_database
 from workers.dbapi import Database
 
 EXIT_BOOT_FAILURE: Final = 3  # reserved: the pool stops respawning instead of looping
+STACK_SIGNAL: Final = signal.SIGUSR2  # the broker's "dump your stacks", before a timeout kill
 _PR_SET_PDEATHSIG: Final = 1
 _CODE_LIMIT: Final = 200  # characters of an error code a codeunit sets itself
 
@@ -54,6 +56,7 @@ class WorkerSpec:
     max_result_bytes: int
     log_handler: logging.Handler | None  # multiprocessing-logging's handler, built by the broker
     instance: str = ""  # names this broker run; processes below a worker carry it
+    stack_w: int = -1  # where a stack dump goes when the broker asks (its task timed out)
     database_required: bool = True  # the first workers fail to boot without their database
 
 
@@ -97,6 +100,10 @@ def _prologue(spec: WorkerSpec) -> None:
     # broker already moved us (it calls setpgid too, to close the race).
     with contextlib.suppress(PermissionError):
         os.setpgid(0, 0)
+    if spec.stack_w >= 0:
+        # Before a timeout kill the broker asks for the stuck code's stack: faulthandler's
+        # handler is C code, so it answers even while Python is busy in a long loop.
+        faulthandler.register(STACK_SIGNAL, file=spec.stack_w, all_threads=True)
     # Marks this process and everything a codeunit starts as a child session: the client
     # refuses to connect from here, and the next start finds what a killed broker left.
     os.environ[CHILD_SESSION_VARIABLE] = spec.instance or str(spec.broker_pid)

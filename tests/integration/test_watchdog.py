@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import psutil
@@ -176,3 +178,32 @@ def test_a_database_outage_fails_tasks_but_never_stops_the_server(start_broker):
         hidden.rename(database)
         assert page.enqueue_background_task(cu.DB_READ).result(timeout=30) == {"blocked": "10"}
     assert "failed to boot" not in broker.log_text()
+
+
+def test_a_timeout_error_carries_the_stuck_codes_stack(broker):
+    with broker.connect() as session:
+        page = session.open_page("P")
+        error = page.enqueue_background_task(cu.SPIN, timeout=300).exception(timeout=20)
+    assert error is not None
+    assert error.code == "ChildSessionTaskTimeout"
+    assert error.text == "Child Session task was terminated because of a timeout."
+    # the Python stack of the code that was stuck, as faulthandler saw it at the deadline
+    assert "most recent call first" in error.call_stack
+    assert "in spin" in error.call_stack
+    assert "in spin" in broker.log_text()  # and the server log has it too
+
+
+def test_a_worker_that_cannot_dump_its_stack_is_killed_all_the_same(broker, tmp_path):
+    with broker.connect() as session:
+        page = session.open_page("P")
+        pidfile = tmp_path / "pid"
+        task = page.enqueue_background_task(
+            cu.SPAWN_AND_SPIN, {"pidfile": str(pidfile)}, timeout=2000
+        )
+        wait_until(pidfile.exists)
+        worker = int(pidfile.read_text().split()[0])
+        os.kill(worker, signal.SIGSTOP)  # a stopped process handles no signal: no dump
+        error = task.exception(timeout=20)
+    assert error is not None
+    assert error.code == "ChildSessionTaskTimeout"
+    assert "no stack: the worker did not answer SIGUSR2" in error.call_stack
