@@ -520,9 +520,11 @@ class Broker:
         return status_report(
             sessions=self.scheduler.sessions.values(),
             pool=self.pool,
+            now=self.loop.time(),
             uptime=time.monotonic() - self.started,
             socket_path=str(self.config.server.socket_path),
             tcp=self.listeners.tcp_text() or None,
+            max_sessions=self.max_sessions,
         )
 
 
