@@ -84,39 +84,39 @@ class OperationsServer:
     """The HTTP endpoint on ``MetricsAddress`` and the :class:`Telemetry` it shows."""
 
     def __init__(self, broker: Observed, address: tuple[str, int]) -> None:
-        self.broker = broker
-        self.address = address
-        self.telemetry = Telemetry(broker.loop.time)
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._processes: dict[int, psutil.Process] = {}
-        self._processes_lock = threading.Lock()
-        self._me = psutil.Process()
-
-    @property
-    def address_text(self) -> str:
-        """``host:port`` as bound (the port the OS chose for port 0)."""
-        host, port = self.address
-        if self._httpd is not None:
-            host, port = self._httpd.server_address[:2]  # type: ignore[assignment]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    # --- lifecycle ----------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Bind and serve in a thread.
+        """Bind the address now (before the broker forks a worker or opens its socket, so
+        an address in use fails the start cleanly); :meth:`start` serves it.
 
         Raises:
             OSError: the address cannot be bound (the message names MetricsAddress).
         """
-        host, port = self.address
+        self.broker = broker
+        self.telemetry = Telemetry(broker.loop.time)
+        self._thread: threading.Thread | None = None
+        self._processes: dict[int, psutil.Process] = {}
+        self._processes_lock = threading.Lock()
+        self._me = psutil.Process()
+        host, port = address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
+            # Workers do not inherit the socket: their prologue closes every socket the
+            # broker opened after importing the codeunits.
             self._httpd = _HTTPServer((host, port), _Handler, family, self)
         except OSError as err:
             raise OSError(
                 err.errno, f"[Server] MetricsAddress {host}:{port}: {err.strerror or err}"
             ) from err
+
+    @property
+    def address_text(self) -> str:
+        """``host:port`` as bound (the port the OS chose for port 0)."""
+        host, port = self._httpd.server_address[:2]
+        return f"[{host!s}]:{port}" if ":" in str(host) else f"{host!s}:{port}"
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve in a thread of its own (connections made before wait in the backlog)."""
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="pbt-metrics"
         )
@@ -125,11 +125,10 @@ class OperationsServer:
 
     def close(self) -> None:
         """Stop serving (blocks up to the poll interval: call it off the loop)."""
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
         if self._thread is not None:
+            self._httpd.shutdown()
             self._thread.join()
+        self._httpd.server_close()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

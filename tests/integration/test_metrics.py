@@ -3,12 +3,14 @@ outcomes exactly, ``/health`` answers, and a missing prometheus-client stops the
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from pbt_server.client import BackgroundTaskCanceled, BackgroundTaskError, connect
@@ -199,6 +201,57 @@ def test_health_and_the_dashboard_files_are_served(start_broker) -> None:
     assert scrape.get(at, "/nothing-here")[0] == 404
     # The status report says where the endpoint is; the log says so too.
     assert f"metrics, health and dashboard on http://{at}/" in broker.log_text()
+    # Only the broker listens there: no worker inherited the socket.
+    port = int(at.rsplit(":", 1)[1])
+
+    def listening(pid: int) -> bool:
+        return any(c.laddr and c.laddr.port == port for c in psutil.Process(pid).net_connections())
+
+    assert listening(broker.pid)
+    workers = [w["pid"] for w in operator_status(broker)["workers"]]
+    assert len(workers) == 3  # two slots and the standby
+    assert not any(listening(pid) for pid in workers)
+
+
+def _ini(tmp_path: Path, metrics: str) -> Path:
+    config = tmp_path / "server.ini"
+    write_ini(
+        config,
+        {
+            "Server": {
+                "SocketPath": str(tmp_path / "pbt.sock"),
+                "PidFile": str(tmp_path / "pbt.pid"),
+                "LogFile": str(tmp_path / "pbt.log"),
+                "MetricsAddress": metrics,
+            },
+            "Workers": {"Count": "1"},
+            "Codeunits": {"Modules": "tests.codeunits"},
+            "Database": {"Url": f"sqlite:///{tmp_path}/none.db"},
+        },
+    )
+    return config
+
+
+def _run(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pbt_server", "run", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_address_in_use_stops_the_start_naming_the_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(_ini(tmp_path, f"127.0.0.1:{port}"))
+    assert result.returncode == 1, result.stderr
+    assert f"[Server] MetricsAddress 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert not (tmp_path / "pbt.sock").exists()  # it failed before listening or forking
 
 
 def test_without_prometheus_client_the_start_fails_naming_the_extra(tmp_path: Path) -> None:
@@ -209,28 +262,9 @@ def test_without_prometheus_client_the_start_fails_naming_the_extra(tmp_path: Pa
         "raise ModuleNotFoundError(\"No module named 'prometheus_client'\","
         " name='prometheus_client')\n"
     )
-    config = tmp_path / "server.ini"
-    write_ini(
-        config,
-        {
-            "Server": {
-                "SocketPath": str(tmp_path / "pbt.sock"),
-                "PidFile": str(tmp_path / "pbt.pid"),
-                "LogFile": str(tmp_path / "pbt.log"),
-                "MetricsAddress": "127.0.0.1:0",
-            },
-            "Workers": {"Count": "1"},
-            "Codeunits": {"Modules": "tests.codeunits"},
-            "Database": {"Url": f"sqlite:///{tmp_path}/none.db"},
-        },
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "pbt_server", "run", "--config", str(config)],
-        cwd=REPO,
+    result = _run(
+        _ini(tmp_path, "127.0.0.1:0"),
         env={"PYTHONPATH": f"{hidden}:{REPO}", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert result.returncode == 1, result.stderr
     assert (
