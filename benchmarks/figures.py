@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from benchmarks import floors, pbt, pools
+from benchmarks import floors, metrics_cost, pbt, pools
 from benchmarks.figure import Figure, Limit, Measurement, Ratio, Rule, Summary, Table, num
 from benchmarks.load import WINDOW
 from benchmarks.pools import PEBBLE_TIMEOUT, POOL_WORKERS
@@ -511,6 +511,80 @@ RSS = Figure(
 )
 
 
+# --- the cost of metrics ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsParams:
+    n: int = 2000  # sequential no-op round trips
+    warmup: int = 200
+    sessions: int = 5  # throughput: client processes x WINDOW in flight
+    tasks: int = 10_000
+    scrape_every: float = 1.0  # the scraped system: /metrics and /api/status each second
+
+
+METRICS_ON: Final = {"Server": {"MetricsAddress": "127.0.0.1:0"}}
+
+
+def _metrics_plan(p: MetricsParams) -> list[Measurement]:
+    load = {"n": p.n, "warmup": p.warmup, "sessions": p.sessions, "total": p.tasks}
+    return [
+        Measurement(
+            "off",
+            "MetricsAddress empty",
+            metrics_cost.metrics_cost,
+            {**load, "scrape_every": 0.0},
+            broker=True,
+        ),
+        Measurement(
+            "on",
+            "MetricsAddress set, not scraped",
+            metrics_cost.metrics_cost,
+            {**load, "scrape_every": 0.0},
+            broker=True,
+            settings=METRICS_ON,
+        ),
+        Measurement(
+            "scraped",
+            f"MetricsAddress set, /metrics and /api/status every {p.scrape_every:g} s",
+            metrics_cost.metrics_cost,
+            {**load, "scrape_every": p.scrape_every},
+            broker=True,
+            settings=METRICS_ON,
+        ),
+    ]
+
+
+METRICS = Figure(
+    name="metrics",
+    about="the cost of [Server] MetricsAddress: no-op round trip and throughput, on vs off",
+    params=MetricsParams(),
+    quick=MetricsParams(n=200, warmup=20, tasks=600),
+    plan=_metrics_plan,
+    tables=lambda p: [
+        Table(
+            f"The cost of metrics: sync no-op round trip (µs), and no-op tasks/s with "
+            f"{p.sessions} client processes x {WINDOW} in flight",
+            [("p50_us", "round trip p50"), ("p99_us", "p99"), ("tasks_per_s", "tasks/s")],
+        )
+    ],
+    targets=lambda p: [
+        Ratio(
+            "metrics on: no-op round trip p50 ≤ 1.03x off", "on", "off", "p50_us", 1.03, unit="µs"
+        ),
+        Ratio(
+            "metrics on: throughput ≥ 0.97x off",
+            "on",
+            "off",
+            "tasks_per_s",
+            0.97,
+            upper=False,
+            unit="tasks/s",
+        ),
+    ],
+)
+
+
 FIGURES: Final[Sequence[Figure[Any]]] = (
     LATENCY,
     THROUGHPUT,
@@ -521,4 +595,5 @@ FIGURES: Final[Sequence[Figure[Any]]] = (
     FAIRNESS,
     SCALE,
     RSS,
+    METRICS,
 )

@@ -42,6 +42,10 @@ Lifecycle:
 
 Every loop callback here is short and synchronous: the loop never waits on a pipe, a socket
 or the disk (logging goes through a queue to a thread, see logs.py).
+
+With ``[Server] MetricsAddress``, operations.py serves ``/metrics``, ``/health`` and the live
+dashboard from threads of its own; the broker feeds its Telemetry (telemetry.py) one call
+per task outcome (``_send``) and the pool one per worker it ends, with the cause.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import logging
 import os
 import signal
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pbt_server import __version__, proctree
 from pbt_server.budget import Budget
@@ -89,6 +93,10 @@ from pbt_server.report import Tally, status_report
 from pbt_server.server import FD_RESERVE, ClientConnection, Listeners, fit_fd_limit
 from pbt_server.sessions import Scheduler, Session, Task, TaskState
 from pbt_server.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from pbt_server.operations import OperationsServer
+    from pbt_server.telemetry import Telemetry
 
 BOOT_TIMEOUT: Final = 60.0
 SUMMARY_INTERVAL: Final = 60.0  # seconds between INFO summaries of task outcomes
@@ -156,6 +164,16 @@ class Broker:
         self.tally = Tally()
         self._summary: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
+        # [Server] MetricsAddress: counts for Prometheus and the dashboard (operations.py).
+        # Off, none of it is imported and each hook below costs one attribute check.
+        self.telemetry: Telemetry | None = None
+        self.operations: OperationsServer | None = None
+        if config.server.metrics_address is not None:
+            from pbt_server.operations import OperationsServer  # needs pbt-server[metrics]
+
+            self.operations = OperationsServer(self, config.server.metrics_address)
+            self.telemetry = self.operations.telemetry
+            self.pool.on_worker_ended = self.telemetry.worker_ended
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -173,6 +191,8 @@ class Broker:
         try:
             await self.pool.start(BOOT_TIMEOUT)
             await self.listeners.listen(self)
+            if self.operations is not None:
+                self.operations.start()
         except BaseException:
             await self.pool.stop(STOP_GRACE)
             raise
@@ -244,6 +264,8 @@ class Broker:
         self.watchdog.stop()
         await self.pool.stop(STOP_GRACE)
         await self.listeners.drain(FLUSH_GRACE)
+        if self.operations is not None:
+            await self.operations.aclose()
         log.info("stopped")
 
     # --- requests (server.RequestHandler) -------------------------------------------------
@@ -347,6 +369,8 @@ class Broker:
     # --- outcomes -------------------------------------------------------------------------
 
     def _send(self, task: Task, event: Completed | Failed | Cancelled) -> None:
+        if self.telemetry is not None:
+            self.telemetry.task_ended(task, event)
         connection = self.connections.get(task.session.id)
         if connection is not None:
             connection.send(event)
@@ -403,7 +427,7 @@ class Broker:
         """
         self.watchdog.disarm(task)
         if cause is not End.CRASH:
-            self.pool.abort(task, f"task s{task.session.id}/t{task.id}: {text}")
+            self.pool.abort(task, f"task s{task.session.id}/t{task.id}: {text}", cause.name.lower())
         match cause:
             case End.CANCEL:
                 return
@@ -529,9 +553,12 @@ class Broker:
         return status_report(
             sessions=self.scheduler.sessions.values(),
             pool=self.pool,
+            now=self.loop.time(),
             uptime=time.monotonic() - self.started,
             socket_path=str(self.config.server.socket_path),
             tcp=self.listeners.tcp_text() or None,
+            metrics=self.operations.address_text if self.operations is not None else None,
+            max_sessions=self.max_sessions,
         )
 
 

@@ -168,6 +168,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     from pbt_server.errors import PbtError
+    from pbt_server.report import health_problem
 
     config = _load_config(args)
     if config is None:
@@ -184,14 +185,6 @@ def _health(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print("healthy")
     return EXIT_OK
-
-
-def health_problem(report: Mapping[str, Any]) -> str | None:
-    """Why a status report is not healthy, or None: every worker slot must hold a worker."""
-    down = [w["slot"] for w in report.get("workers", []) if w["slot"] != "standby" and not w["pid"]]
-    if down:
-        return f"worker slot(s) {down} have no worker (a worker cannot boot?)"
-    return None
 
 
 def _operator_status(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -274,10 +267,18 @@ def format_status(report: Mapping[str, Any]) -> str:
     lines = [
         f"pbt-server {server['version']}  pid {server['pid']}  "
         f"up {format_duration(server['uptime'])}  "
-        f"socket {server['socket']}  tcp {server.get('tcp') or 'off'}",
-        "",
-        "sessions:",
+        f"socket {server['socket']}  tcp {server.get('tcp') or 'off'}"
+        + (f"  metrics {server['metrics']}" if server.get("metrics") else ""),
     ]
+    totals = report.get("totals")
+    if totals:
+        states = ", ".join(f"{n} {state}" for state, n in totals["workers"].items() if n)
+        lines.append(
+            f"{totals['sessions']} sessions ({totals['pages']} pages), {totals['waiting']} "
+            f"tasks waiting, {totals['running']} running; workers: {states or 'none'}; "
+            f"standby {totals['standby']}"
+        )
+    lines += ["", "sessions:"]
     sessions = report.get("sessions") or []
     if sessions:
         rows = [[s["id"], s["pages"], s["waiting"], s["running"]] for s in sessions]
@@ -295,10 +296,13 @@ def format_status(report: Mapping[str, Any]) -> str:
                 f"{w.get('rss', 0) / (1024 * 1024):.1f}",
                 w.get("tasks_done", 0),
                 w.get("task") or "-",
+                w.get("codeunit") or "-",
+                "-" if w.get("task_seconds") is None else f"{w['task_seconds']:.1f}",
             ]
             for w in workers
         ]
-        lines += _table(["slot", "pid", "state", "rss MiB", "tasks done", "task"], rows, "rrlrrl")
+        headers = ["slot", "pid", "state", "rss MiB", "tasks done", "task", "codeunit", "for s"]
+        lines += _table(headers, rows, "rrlrrlrr")
     else:
         lines.append("  no workers")
     return "\n".join(lines)

@@ -390,6 +390,14 @@ class ServerSection(Section):
         "memory budget for partly received frames and the parameters of waiting tasks, in"
         " MB; over it, new work is refused (ServerMemoryBudget)",
     )
+    metrics_address: tuple[str, int] | None = key(
+        "MetricsAddress",
+        "",
+        _tcp_address,
+        "serve Prometheus metrics (/metrics), a health check (/health) and the live dashboard"
+        " (/) over HTTP on host:port; empty = off; needs pbt-server[metrics]; no"
+        " authentication, so bind it to an internal address",
+    )
 
     def check(self, r: _SectionReader) -> None:
         if self.tcp_address is not None and not self.auth_token:

@@ -235,6 +235,8 @@ class WorkerPool:
         self._reaped = asyncio.Event()  # set whenever a worker process has been reaped
         self._sweeper: asyncio.TimerHandle | None = None
         self._max_message = max_result_bytes + MESSAGE_OVERHEAD
+        # Told why each worker ended (telemetry.KILL_CAUSES); None: nobody counts.
+        self.on_worker_ended: Callable[[str], None] | None = None
 
     @property
     def count(self) -> int:
@@ -321,13 +323,13 @@ class WorkerPool:
     def worker_of(self, task: Task) -> Worker | None:
         return self._running.get(task.job)
 
-    def abort(self, task: Task, reason: str) -> bool:
+    def abort(self, task: Task, reason: str, cause: str = "abort") -> bool:
         """Kill the worker running ``task`` (its whole tree) and forget the task; the slot is
         refilled. No listener call follows for this task. False if no worker runs it."""
         worker = self._running.get(task.job)
         if worker is None:
             return False
-        self._kill(worker, reason)
+        self._kill(worker, reason, cause)
         return True
 
     def abort_with_stack(self, task: Task, reason: str, then: Callable[[str], None]) -> None:
@@ -350,7 +352,7 @@ class WorkerPool:
             finished.append(True)
             if worker.state is WorkerState.DUMPING:  # not dead by itself meanwhile
                 self.loop.remove_reader(worker.stack_r)
-                self._kill(worker, reason)
+                self._kill(worker, reason, "timeout")
             text = dump[:STACK_LIMIT].decode("utf-8", "replace")
             if not text:
                 text = (
@@ -527,10 +529,10 @@ class WorkerPool:
                 task.id,
                 "; ".join(leftovers),
             )
-            self.retire(worker)
+            self.retire(worker, "leftovers")
         elif recycle and worker.tasks_done >= recycle:
             log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
-            self.retire(worker)
+            self.retire(worker, "recycle")
         else:
             worker.state = WorkerState.IDLE  # BUSY -> IDLE
             self._idle.append(worker)
@@ -542,7 +544,7 @@ class WorkerPool:
         text = f"worker {worker.pid} broke the pipe protocol: {what}"
         log.error("%s; killed", text)
         task = worker.task
-        self._kill(worker, "protocol fault")
+        self._kill(worker, "protocol fault", "protocol")
         if task is not None:
             self.listener.task_lost(task, text, started_elsewhere_ok=False)
 
@@ -678,10 +680,12 @@ class WorkerPool:
 
     # --- ending workers -----------------------------------------------------------------------
 
-    def _kill(self, worker: Worker, reason: str) -> None:
-        """SIGKILL the worker's whole tree now and put a fresh worker in its slot."""
+    def _kill(self, worker: Worker, reason: str, cause: str = "") -> None:
+        """SIGKILL the worker's whole tree now and put a fresh worker in its slot; ``cause``
+        is counted (none for a stop, or for a retired worker: it was counted then)."""
         if worker.state in (WorkerState.KILLED, WorkerState.DEAD):
             return
+        self._ended(cause)
         proctree.kill_tree(worker.pid, worker.pidfd)
         # A retiring one was replaced already; the standby is replaced as a standby.
         owned_slot = worker is self.standby or self.slots[worker.slot] is worker
@@ -690,8 +694,9 @@ class WorkerPool:
         if owned_slot:
             self.replace(worker.slot)
 
-    def retire(self, worker: Worker) -> None:
+    def retire(self, worker: Worker, cause: str = "") -> None:
         """Let a worker exit cleanly (its logs flush) and replace it."""
+        self._ended(cause)
         self._detach(worker, WorkerState.RETIRING)
         # Whatever keeps a retired worker from exiting (a codeunit's stuck finalizer, say),
         # it does not get to run on: it has a deadline.
@@ -701,6 +706,10 @@ class WorkerPool:
     def _kill_if_retiring(self, worker: Worker) -> None:
         if worker.state is WorkerState.RETIRING and not worker.exited:
             self._kill(worker, f"retired, but still running after {RETIRE_GRACE:.0f} s")
+
+    def _ended(self, cause: str) -> None:
+        if cause and self.on_worker_ended is not None and not self._stopping:
+            self.on_worker_ended(cause)
 
     def _detach(self, worker: Worker, state: WorkerState) -> None:
         """Take the worker out of its slot; it lives on in ``_others`` until reaped."""
@@ -752,8 +761,10 @@ class WorkerPool:
             return
         how = describe_exit(code)
         if previous is WorkerState.BOOTING:
+            self._ended("boot_failure")
             self._boot_failed(worker, code, how)
             return
+        self._ended("crash")
         log.error("worker %d died: %s", worker.pid, how)
         self.replace(worker.slot)
         if task is not None:

@@ -45,7 +45,7 @@ close_page  cancelled: [id]
 enqueue     task: id, timeout: id
 cancel      cancelled: bool
 ping        -
-status      server: map, sessions: [map], workers: [map]
+status      server: map, totals: map, sessions: [map], workers: [map]
 =========== =============================================================================
 
 Events (broker -> client, no ``rid``): exactly one of ``completed``, ``failed`` or
@@ -542,6 +542,7 @@ class StatusReply(TypedDict):
     op: Literal["reply"]
     rid: Id
     server: Map
+    totals: Map
     sessions: Maps
     workers: Maps
 

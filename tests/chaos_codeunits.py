@@ -35,6 +35,7 @@ import time
 from workers import ChildSession, CodeunitError, codeunit
 
 CHAOS = 1000
+CHAOS_VICTIM = 1001  # the same codeunit for victim clients: their tasks count apart in metrics
 RAISED_CODE = "CHAOS:Raised"
 
 MODES = (
@@ -134,3 +135,8 @@ def chaos(ctx: ChildSession) -> dict[str, str]:
     elif mode != "fast":
         raise CodeunitError(f"unknown chaos mode {mode!r}", code="CHAOS:BadMode")
     return identity(ctx)
+
+
+@codeunit(CHAOS_VICTIM, name="ChaosVictim")
+def chaos_victim(ctx: ChildSession) -> dict[str, str]:
+    return chaos(ctx)

@@ -8,7 +8,8 @@ serves ``/pbt/pbt.js`` (``window.pbt``: ``connect()``, ``openPage``, ``enqueueBa
 ``data-pbt-cue``) and ``/pbt/ws``, the WebSocket each tab opens: one tab, one parent session
 at the broker, through the asyncio client. ``authorize(request) -> Access | None`` decides per
 connection who may connect, which codeunits they may enqueue, and the ``context`` their
-child sessions get. Needs the ``web`` extra: ``pip install 'pbt-server[web]'``.
+child sessions get. ``create_dashboard_app()`` is the broker's live dashboard, to mount behind
+the application's own authentication. Needs the ``web`` extra: ``pip install 'pbt-server[web]'``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pbt_server.web.access import (
 )
 from pbt_server.web.app import create_app
 from pbt_server.web.bridge import Bridge
+from pbt_server.web.dashboard import create_dashboard_app
 
 __all__ = [
     "Access",
@@ -33,4 +35,5 @@ __all__ = [
     "OriginNotAllowed",
     "SessionExpired",
     "create_app",
+    "create_dashboard_app",
 ]

@@ -23,6 +23,7 @@ from typing import Any
 from tests.chaos.episodes import run_aio_lanes, run_blocking_lanes
 from tests.chaos.ledger import Ledger
 from tests.chaos.tamper import relay
+from tests.chaos_codeunits import CHAOS, CHAOS_VICTIM
 
 
 class ClientState:
@@ -38,6 +39,7 @@ class ClientState:
         self.budget: int = spec["tasks"]
         self.lanes: int = spec["sessions"]
         self.stall_timeout: float = spec["stall_timeout"]
+        self.codeunit = CHAOS_VICTIM if self.victim else CHAOS
         self.counts: collections.Counter[str] = collections.Counter()
         self.violations: list[str] = []
         self.lock = threading.Lock()

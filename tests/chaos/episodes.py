@@ -27,7 +27,6 @@ from pbt_server import client as blocking
 from pbt_server.client import aio
 from pbt_server.errors import CancelReason, ConnectionLost, EnqueueError, PbtError
 from tests.chaos.ledger import TIMING_OUT, Ledger, Outcome, PageRec, TaskRec, classify
-from tests.chaos_codeunits import CHAOS
 
 T = TypeVar("T")
 
@@ -158,6 +157,7 @@ class ClientLimits(Protocol):
     socket: str
     pids: str
     stall_timeout: float
+    codeunit: int  # what it enqueues: CHAOS, or CHAOS_VICTIM for a victim
 
 
 class Episode:
@@ -316,7 +316,7 @@ class Episode:
         try:
             handle = await self.io.call(
                 rec.page.page.enqueue_background_task,
-                CHAOS,
+                self.client.codeunit,
                 rec.params,
                 timeout=self.timeout_of(rec),
                 error_level=rec.level,

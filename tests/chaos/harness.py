@@ -12,8 +12,9 @@
       │  session ends
       └─ victim clients: the same load, SIGKILLed at random moments, then replaced
 
-After the chaos the broker must settle (no session or task left), still complete a fresh
-task, not have grown its RSS, stop cleanly under a burst of load (every pending handle ends
+After the chaos the broker must settle (no session or task left), its ``/metrics`` must add
+up to the ledgers (``ledger.scrape_violations``), it must still complete a fresh task, not
+have grown its RSS, stop cleanly under a burst of load (every pending handle ends
 ``ServerShuttingDown``), leave no worker, grandchild or zombie behind, and have logged no
 traceback.
 
@@ -48,9 +49,10 @@ import psutil
 from pbt_server import client as blocking
 from pbt_server.config import load_config
 from pbt_server.errors import PbtError
+from tests import scrape
 from tests.broker_process import REPO, BrokerProcess, alive
 from tests.chaos.episodes import NORMAL_TIMEOUT_MS
-from tests.chaos.ledger import classify
+from tests.chaos.ledger import classify, scrape_violations
 from tests.chaos_codeunits import CHAOS, starttime
 
 MARKER: Final = "PBT_CHAOS_RUN"  # in the broker's environment, inherited by all it starts
@@ -137,6 +139,8 @@ class ChaosReport:
             f"  triggers: completed {c['trigger:completed']}, error {c['trigger:error']}; "
             f"notifications: {group('notification:')}",
             f"  stopped under load: {group('burst:')}",
+            f"  the broker's metrics: {c['scrape:tasks']} tasks ended (the ledgers: "
+            f"{c['accepted']} accepted; events seen {group('broker:')})",
             f"  unexpected crashes {c['unexpected_crash']} + timeouts "
             f"{c['unexpected_timeout']} (<= kills + stops); spawned processes {c['spawned']}",
         ]
@@ -235,7 +239,7 @@ class Harness:
                     "MaxTasksPerWorker": str(self.config.max_tasks_per_worker),
                 },
                 "Codeunits": {"Modules": "tests.codeunits tests.chaos_codeunits"},
-                "Server": {"LogLevel": self.config.log_level},
+                "Server": {"LogLevel": self.config.log_level, "MetricsAddress": "127.0.0.1:0"},
                 "AsynchronousProcessing": {
                     "ChildSessionsMaxQueueLength": str(self.config.queue_length),
                 },
@@ -469,6 +473,7 @@ class Harness:
                 )
                 break
             time.sleep(0.05)
+        self.check_scrape()
         pids = {w["pid"] for w in self.status["workers"]}
         deadline = time.monotonic() + 30
         while True:
@@ -499,6 +504,18 @@ class Harness:
                 if results != expected:
                     self.report.violations.append(f"the final task returned {results}")
         self.counts["spawned"] = len(list(self.pids_dir.glob("*.[0-9]")))
+
+    def check_scrape(self) -> None:
+        """Settled: the broker's metrics for the ledger clients' tasks equal the ledgers'."""
+        address = self.status["server"]["metrics"]
+        try:
+            tasks = scrape.tasks_total(scrape.scrape(address))
+        except (OSError, AssertionError) as err:
+            self.report.violations.append(f"scraping http://{address}/metrics failed: {err!r}")
+            return
+        mine = scrape.of_codeunit(tasks, CHAOS)
+        self.counts["scrape:tasks"] = sum(mine.values())
+        self.report.violations += scrape_violations(self.counts, mine)
 
     def check_rss(self) -> None:
         samples = self.report.rss_mb

@@ -29,6 +29,9 @@ COMPLETING: Final = frozenset({"fast", "sleep", "spawn", "escape_done"})
 TIMING_OUT: Final = frozenset({"spin", "spawn_spin", "escape"})
 CRASHING: Final = frozenset({"exit", "spawn_exit"})
 OUTCOME_OPS: Final = ("completed", "failed", "cancelled")
+# The broker's outcome event -> the outcome label of its pbt_tasks_total metric.
+METRIC_OUTCOME: Final = {"completed": "completed", "failed": "error", "cancelled": "cancelled"}
+UNSEEN: Final = "broker:unseen"  # counts key: accepted tasks whose event never arrived
 
 Outcome = tuple[str, str, str, "dict[str, str] | None"]  # kind, code, text, results
 
@@ -367,6 +370,11 @@ class Ledger:
     def _verify_events(self, rec: TaskRec, kind: str, code: str) -> None:
         """At most one outcome event per task, on its own page, and matching the handle."""
         raw = self.raw.get(rec.task_id, [])
+        # What the broker said, for the comparison with its metrics (scrape_violations).
+        if raw:
+            self.counts[f"broker:{METRIC_OUTCOME[raw[0][0]]}:{raw[0][1]}"] += 1
+        else:
+            self.counts[UNSEEN] += 1
         if len(raw) > 1:
             self.violation(f"the broker sent {len(raw)} outcome events", rec)
         for _op, _code, page_id in raw:
@@ -437,3 +445,39 @@ class Ledger:
         if not trigger.returned and rec.level != "Ignore":
             return (rec.task_id, rec.level, code)
         return None
+
+
+def scrape_violations(
+    counts: Mapping[str, int], scraped: Mapping[tuple[str, str], int]
+) -> list[str]:
+    """Compare the broker's ``pbt_tasks_total`` for the ledger clients' codeunit, by (outcome,
+    code), with what the ledgers saw (``counts``, summed over every session).
+
+    Every accepted task ends exactly once in the broker, so the scrape's total is exactly
+    the tasks accepted. Each (outcome, code) must be counted at least as often as its event
+    reached a client; the rest are exactly the tasks whose session ended before their event
+    arrived (closed or broken on purpose: the client resolved them itself).
+    """
+    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+    for key, n in counts.items():
+        if key.startswith("broker:") and key != UNSEEN:
+            _, outcome, code = key.split(":", 2)
+            seen[outcome, code] += n
+    accepted, unseen = counts.get("accepted", 0), counts.get(UNSEEN, 0)
+    problems = []
+    total = sum(scraped.values())
+    if total != accepted:
+        problems.append(
+            f"the broker's metrics count {total} ended tasks, the ledgers accepted {accepted}"
+            f" (scrape {dict(scraped)})"
+        )
+    short = {key: (scraped.get(key, 0), n) for key, n in seen.items() if scraped.get(key, 0) < n}
+    if short:
+        problems.append(f"the metrics count fewer outcomes than clients received: {short}")
+    excess = sum(n - seen[key] for key, n in scraped.items() if n > seen[key])
+    if not short and excess != unseen:
+        problems.append(
+            f"the metrics count {excess} outcomes no client received, but {unseen} tasks"
+            " ended without their event"
+        )
+    return problems

@@ -15,7 +15,14 @@ from pbt_server.errors import (
     PbtError,
 )
 from tests.chaos.episodes import run_blocking
-from tests.chaos.ledger import Ledger, PageRec, TaskRec, classify, expected_results
+from tests.chaos.ledger import (
+    Ledger,
+    PageRec,
+    TaskRec,
+    classify,
+    expected_results,
+    scrape_violations,
+)
 
 
 @dataclass
@@ -212,3 +219,52 @@ def test_run_blocking_refuses_a_coroutine_that_suspends() -> None:
 
     with pytest.raises(RuntimeError, match="suspended"):
         run_blocking(suspends())
+
+
+# --- the broker's metrics against the ledgers ----------------------------------------------
+
+SEEN = {
+    "accepted": 10,
+    "broker:completed:": 6,
+    "broker:error:CHAOS:Raised": 1,
+    "broker:cancelled:Canceled": 1,
+    "broker:unseen": 2,  # their sessions ended before their events arrived
+}
+
+
+def test_a_scrape_that_equals_the_ledgers_passes() -> None:
+    # The two unseen tasks: one cancelled with its session, one completed in flight.
+    scraped = {
+        ("completed", ""): 7,
+        ("error", "CHAOS:Raised"): 1,
+        ("cancelled", "Canceled"): 1,
+        ("cancelled", "SessionClosed"): 1,
+    }
+    assert scrape_violations(SEEN, scraped) == []
+
+
+@pytest.mark.parametrize(
+    ("scraped", "symptom"),
+    [
+        (  # a task counted twice
+            {
+                ("completed", ""): 8,
+                ("error", "CHAOS:Raised"): 1,
+                ("cancelled", "Canceled"): 1,
+                ("cancelled", "SessionClosed"): 1,
+            },
+            "count 11 ended tasks, the ledgers accepted 10",
+        ),
+        (  # one lost
+            {("completed", ""): 6, ("error", "CHAOS:Raised"): 1, ("cancelled", "Canceled"): 1},
+            "count 8 ended tasks, the ledgers accepted 10",
+        ),
+        (  # counted under the wrong outcome
+            {("completed", ""): 5, ("error", "CHAOS:Raised"): 4, ("cancelled", "Canceled"): 1},
+            "fewer outcomes than clients received: {('completed', ''): (5, 6)}",
+        ),
+    ],
+)
+def test_a_scrape_that_disagrees_is_a_violation(scraped, symptom) -> None:
+    problems = scrape_violations(SEEN, scraped)
+    assert any(symptom in p for p in problems), problems

@@ -81,6 +81,7 @@ def test_defaults(tmp_path: Path) -> None:
             max_frame_bytes=1048576,
             max_connections=4096,
             max_buffered_mb=256,
+            metrics_address=None,
         ),
         asynchronous_processing=AsyncProcessingSection(
             max_concurrency=5,
@@ -176,6 +177,7 @@ LogLevel = debug
 MaxFrameBytes = 2048
 MaxConnections = 10
 MaxBufferedMB = 64
+MetricsAddress = [::]:9185
 
 [AsynchronousProcessing]
 ChildSessionsMaxConcurrency = 2
@@ -209,6 +211,7 @@ Modules = workers.demo, mypkg.cues
         max_frame_bytes=2048,
         max_connections=10,
         max_buffered_mb=64,
+        metrics_address=("::", 9185),
     )
     assert config.asynchronous_processing == AsyncProcessingSection(
         max_concurrency=2, max_queue_length=1, default_timeout_ms=30_000, max_timeout_ms=3_600_000
