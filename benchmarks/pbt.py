@@ -12,7 +12,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -304,12 +303,11 @@ def rss_pbt(socket_path: str, broker_pid: int, sessions: int) -> Metrics:
 # --- cancel storm ----------------------------------------------------------------------------
 
 
-def _kills_logged(log: str) -> int:
-    """Workers the broker killed so far, by its own INFO line per kill."""
-    try:
-        return Path(log).read_text(errors="replace").count(" killed (")
-    except FileNotFoundError:
-        return 0
+async def _kills(session: aio.Session) -> int:
+    """Workers the broker killed so far for a cancel (its status report counts them)."""
+    status = await session.status()
+    ends: dict[str, int] = status["totals"]["worker_ends"]  # type: ignore[index]
+    return ends.get("cancel", 0)
 
 
 async def _wait_idle_aio(session: aio.Session, count: int) -> None:
@@ -335,7 +333,7 @@ def storm_pbt(
             for page in pages:
                 await (await page.enqueue_background_task(NOOP)).result()
             await _wait_idle_aio(sessions[0], 2)
-            kills = _kills_logged(broker_log)
+            kills = await _kills(sessions[0])
             start = time.perf_counter()
 
             async def tab(page: aio.Page) -> tuple[float, float]:
@@ -356,7 +354,7 @@ def storm_pbt(
             latencies = [done - changed for changed, done in ends]
             storm_s = max(changed for changed, _ in ends) - start
             await _wait_idle_aio(sessions[0], 2)
-            kills = _kills_logged(broker_log) - kills
+            kills = await _kills(sessions[0]) - kills
         finally:
             await asyncio.gather(*(s.close() for s in sessions))
         return stats_ms("", latencies) | {"kills": kills, "storm_s": storm_s}

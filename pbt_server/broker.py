@@ -75,6 +75,7 @@ from pbt_server.errors import (
     ServerBusy,
     ServerShuttingDown,
 )
+from pbt_server.events import Event, event, task_event
 from pbt_server.logs import BrokerLogging
 from pbt_server.pool import WorkerImage, WorkerPool, prepare_workers
 from pbt_server.protocol import (
@@ -199,7 +200,10 @@ class Broker:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.loop.add_signal_handler(signum, self._on_signal, signum)
         tcp = self.listeners.tcp_text()
-        log.info(
+        event(
+            log,
+            logging.INFO,
+            Event.READY,
             "pbt-server %s ready: %d workers, socket %s%s",
             __version__,
             self.pool.count,
@@ -220,7 +224,7 @@ class Broker:
         """Log what happened to the tasks since the last summary (INFO), if anything did."""
         text = self.tally.take()
         if text:
-            log.info("tasks since the last summary: %s", text)
+            event(log, logging.INFO, Event.SUMMARY, "tasks since the last summary: %s", text)
         if not self.stopping:
             self._summary = self.loop.call_later(SUMMARY_INTERVAL, self._summarize)
 
@@ -239,7 +243,7 @@ class Broker:
 
     def stop(self, why: str, exit_code: int = 0) -> None:
         if not self._stop.is_set():
-            log.info("stopping: %s", why)
+            event(log, logging.INFO, Event.STOPPING, "stopping: %s", why)
             self.exit_code = exit_code
             self._stop.set()
 
@@ -331,7 +335,15 @@ class Broker:
         session = self.scheduler.open_session(hello.get("context"))
         connection.session_id = session.id
         self.connections[session.id] = connection
-        log.debug("session %d opened (%s)", session.id, connection.peer)
+        event(
+            log,
+            logging.DEBUG,
+            Event.SESSION_OPENED,
+            "session %d opened (%s)",
+            session.id,
+            connection.peer,
+            session=session.id,
+        )
         return {"session": session.id, **reply}
 
     def _enqueue(self, session: Session, request: Enqueue) -> Message:
@@ -345,7 +357,11 @@ class Broker:
             request["timeout"],
             request["level"],
         )
-        log.debug(
+        task_event(
+            log,
+            logging.DEBUG,
+            Event.ENQUEUED,
+            task,
             "task s%d/t%d enqueued: codeunit %d, timeout %d ms",
             session.id,
             task.id,
@@ -364,7 +380,15 @@ class Broker:
         if session is not None:
             tasks = self.scheduler.close_session(session)
             self._cancel_tasks(tasks)
-            log.debug("session %d closed; %d task(s) cancelled", session.id, len(tasks))
+            event(
+                log,
+                logging.DEBUG,
+                Event.SESSION_CLOSED,
+                "session %d closed; %d task(s) cancelled",
+                session.id,
+                len(tasks),
+                session=session.id,
+            )
 
     # --- outcomes -------------------------------------------------------------------------
 
@@ -394,7 +418,17 @@ class Broker:
             code = reason or task.cancel_reason
             if self.pool.worker_of(task) is not None:
                 self._end_running(task, End.CANCEL, f"cancelled ({code})")
-            log.debug("task s%d/t%d cancelled (%s)", task.session.id, task.id, code)
+            task_event(
+                log,
+                logging.DEBUG,
+                Event.CANCELLED,
+                task,
+                "task s%d/t%d cancelled (%s)",
+                task.session.id,
+                task.id,
+                code,
+                code=code,
+            )
             self.tally.add("cancelled", code)
             cancelled: Cancelled = {
                 "op": "cancelled",
@@ -407,12 +441,16 @@ class Broker:
         if tasks:
             # One line, not one per task: closing a session with 10^5 waiting tasks must not
             # hold the loop for seconds of logging.
+            # Record changes and page closes are a page's everyday business: DEBUG.
             first = tasks[0]
-            log.info(
+            code = reason or first.cancel_reason
+            everyday = code in (CancelReason.RECORD_CHANGED, CancelReason.PAGE_CLOSED)
+            log.log(
+                logging.DEBUG if everyday else logging.INFO,
                 "session %d: %s cancelled (%s)",
                 first.session.id,
                 f"task {first.id}" if len(tasks) == 1 else f"{len(tasks)} tasks",
-                reason or first.cancel_reason,
+                code,
             )
             if not self.stopping:
                 self._dispatch()
@@ -432,20 +470,49 @@ class Broker:
             case End.CANCEL:
                 return
             case End.MEMORY:
-                log.warning("task s%d/t%d: %s", task.session.id, task.id, text)
-                self._fail(task, ChildSessionCode.MEMORY_LIMIT, text)
+                code = ChildSessionCode.MEMORY_LIMIT
+                task_event(
+                    log,
+                    logging.WARNING,
+                    Event.MEMORY_KILLED,
+                    task,
+                    "task s%d/t%d: %s",
+                    task.session.id,
+                    task.id,
+                    text,
+                    code=code,
+                )
+                self._fail(task, code, text)
             case End.NO_ACK | End.CRASH:
                 if self.scheduler.worker_lost(task):
-                    log.warning(
+                    task_event(
+                        log,
+                        logging.WARNING,
+                        Event.REQUEUED,
+                        task,
                         "%s; task s%d/t%d never started there, so it is requeued",
                         text,
                         task.session.id,
                         task.id,
                     )
                 else:
-                    log.warning("task s%d/t%d: %s", task.session.id, task.id, text)
-                    self._fail(task, ChildSessionCode.CRASHED, text)
+                    self._crashed(task, text)
         self._dispatch()
+
+    def _crashed(self, task: Task, text: str) -> None:
+        code = ChildSessionCode.CRASHED
+        task_event(
+            log,
+            logging.WARNING,
+            Event.CRASHED,
+            task,
+            "task s%d/t%d: %s",
+            task.session.id,
+            task.id,
+            text,
+            code=code,
+        )
+        self._fail(task, code, text)
 
     def _dispatch(self) -> None:
         pool = self.pool
@@ -468,7 +535,17 @@ class Broker:
         if log.isEnabledFor(logging.DEBUG):
             worker = self.pool.worker_of(task)
             pid = worker.pid if worker is not None else 0
-            log.debug("task s%d/t%d started in worker %d", task.session.id, task.id, pid)
+            task_event(
+                log,
+                logging.DEBUG,
+                Event.STARTED,
+                task,
+                "task s%d/t%d started in worker %d",
+                task.session.id,
+                task.id,
+                pid,
+                worker=pid,
+            )
 
     def task_done(self, task: Task, results: dict[str, str]) -> None:
         self.watchdog.disarm(task)
@@ -485,19 +562,38 @@ class Broker:
         # competes for the GIL); INFO gets the periodic summary instead.
         if log.isEnabledFor(logging.DEBUG):
             assert task.started_at is not None
-            log.debug(
+            wait_ms = round((task.started_at - task.enqueued_at) * 1000, 1)
+            run_ms = round((self.loop.time() - task.started_at) * 1000, 1)
+            task_event(
+                log,
+                logging.DEBUG,
+                Event.COMPLETED,
+                task,
                 "task s%d/t%d completed: codeunit %d, waited %.1f ms, ran %.1f ms",
                 task.session.id,
                 task.id,
                 task.codeunit,
-                (task.started_at - task.enqueued_at) * 1000,
-                (self.loop.time() - task.started_at) * 1000,
+                wait_ms,
+                run_ms,
+                wait_ms=wait_ms,
+                run_ms=run_ms,
             )
         self._dispatch()
 
     def task_failed(self, task: Task, code: str, text: str, stack: str) -> None:
         self.watchdog.disarm(task)
-        log.info("task s%d/t%d failed: %s: %.200s", task.session.id, task.id, code, text)
+        task_event(
+            log,
+            logging.INFO,
+            Event.FAILED,
+            task,
+            "task s%d/t%d failed: %s: %.200s",
+            task.session.id,
+            task.id,
+            code,
+            text,
+            code=code,
+        )
         self._fail(task, code, text, stack)
         self._dispatch()
 
@@ -506,8 +602,7 @@ class Broker:
             self._end_running(task, End.CRASH, how)
         else:
             self.watchdog.disarm(task)
-            log.warning("task s%d/t%d: %s", task.session.id, task.id, how)
-            self._fail(task, ChildSessionCode.CRASHED, how)
+            self._crashed(task, how)
             self._dispatch()
 
     def pool_broken(self, reason: str) -> None:
@@ -525,12 +620,17 @@ class Broker:
         if task.state is not TaskState.RUNNING:
             return  # cancelled while its stack was being taken: that was its outcome
         self.watchdog.disarm(task)
-        log.warning(
+        task_event(
+            log,
+            logging.WARNING,
+            Event.TIMED_OUT,
+            task,
             "task s%d/t%d timed out after %d ms; its worker was killed; its stack:\n%s",
             task.session.id,
             task.id,
             task.timeout_ms,
             stack,
+            code=ChildSessionCode.TASK_TIMEOUT,
         )
         self._fail(task, ChildSessionCode.TASK_TIMEOUT, TASK_TIMEOUT_TEXT, stack)
         self._dispatch()
@@ -569,7 +669,10 @@ def run_broker(
 
     ``private_fds`` are the caller's fds no worker may inherit (the pid file's lock).
     """
-    logs = BrokerLogging(config.server.log_file, config.server.log_level, to_stderr=log_to_stderr)
+    server = config.server
+    logs = BrokerLogging(
+        server.log_file, server.log_level, to_stderr=log_to_stderr, log_format=server.log_format
+    )
     try:
         # Before the loop exists and before any fork: workers inherit what this imports.
         image = prepare_workers(config.codeunits, config.database)

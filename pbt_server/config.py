@@ -143,6 +143,15 @@ def _auth_token(text: str) -> str:
     return text
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text.lower()
+
+    return convert
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in _LOG_LEVELS:
@@ -371,6 +380,12 @@ class ServerSection(Section):
         "LogFile", "var/pbt-server.log", _path, "log file of the server and its workers"
     )
     log_level: str = key("LogLevel", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    log_format: str = key(
+        "LogFormat",
+        "text",
+        _choice("text", "json"),
+        "text, or json: one object per line with event ids and task fields (Loki, Elastic)",
+    )
     max_frame_bytes: int = key(
         "MaxFrameBytes",
         str(DEFAULT_MAX_FRAME),

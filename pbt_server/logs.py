@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import logging
 import logging.handlers
 import multiprocessing
@@ -24,11 +26,54 @@ import os
 import queue
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import multiprocessing_logging
 
 FORMAT = "%(asctime)s %(levelname)-7s %(process)d %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format; a worker's record says which task it was logged in."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "pbt", None)
+        if fields is not None and fields.get("in_task"):
+            record.message = (
+                f"[s{fields['session']}/t{fields['task']} codeunit {fields['codeunit']}] "
+                f"{record.message}"
+            )
+        return super().formatMessage(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, pid, message, and the event's fields
+    (``event``, ``session``, ``page``, ``task``, ``codeunit``, ``wait_ms``, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "pbt", None)
+        if fields:
+            line.update((k, v) for k, v in fields.items() if k != "in_task")
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+FORMATTERS: Final = {"text": TextFormatter, "json": JsonFormatter}
 
 
 class _Forward(logging.Handler):
@@ -107,13 +152,15 @@ class LogFile(logging.FileHandler):
 class BrokerLogging:
     """The handlers of one broker run; ``close`` flushes and stops their threads."""
 
-    def __init__(self, log_file: Path, level: str, *, to_stderr: bool) -> None:
+    def __init__(
+        self, log_file: Path, level: str, *, to_stderr: bool, log_format: str = "text"
+    ) -> None:
         # multiprocessing-logging refuses any start method but fork; set it before the
         # handler exists. Python 3.14 would otherwise default to forkserver.
         if multiprocessing.get_start_method(allow_none=True) != "fork":
             multiprocessing.set_start_method("fork", force=True)
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        formatter = logging.Formatter(FORMAT)
+        formatter = FORMATTERS[log_format]()
         self.file = LogFile(log_file)
         self.outputs: list[logging.Handler] = [self.file]
         if to_stderr:

@@ -41,7 +41,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
@@ -52,6 +52,7 @@ from pbt_server import proctree
 from pbt_server.codeunits import Codeunit, load_modules
 from pbt_server.config import CodeunitsSection, DatabaseSection, WorkersSection
 from pbt_server.errors import BootFailed, ProtocolError
+from pbt_server.events import Event, event, task_event
 from pbt_server.logs import queue_fds, retire_worker_handler
 from pbt_server.proctree import describe_exit
 from pbt_server.protocol import FROM_WORKER, Run, brief, pack, pipe_unpacker
@@ -237,6 +238,7 @@ class WorkerPool:
         self._max_message = max_result_bytes + MESSAGE_OVERHEAD
         # Told why each worker ended (telemetry.KILL_CAUSES); None: nobody counts.
         self.on_worker_ended: Callable[[str], None] | None = None
+        self.ended: Counter[str] = Counter()  # workers ended and replaced, by cause
 
     @property
     def count(self) -> int:
@@ -522,12 +524,17 @@ class WorkerPool:
         if leftovers:
             # A child session is a fresh session: a worker that kept a thread, a process or
             # a changed process setting from one task must not run another session's next.
-            log.warning(
+            task_event(
+                log,
+                logging.WARNING,
+                Event.WORKER_RETIRED,
+                task,
                 "worker %d retired: task s%d/t%d left behind %s",
                 worker.pid,
                 task.session.id,
                 task.id,
                 "; ".join(leftovers),
+                worker=worker.pid,
             )
             self.retire(worker, "leftovers")
         elif recycle and worker.tasks_done >= recycle:
@@ -542,7 +549,7 @@ class WorkerPool:
         if worker.state in _SILENCED:
             return
         text = f"worker {worker.pid} broke the pipe protocol: {what}"
-        log.error("%s; killed", text)
+        event(log, logging.ERROR, Event.PROTOCOL_FAULT, "%s; killed", text, worker=worker.pid)
         task = worker.task
         self._kill(worker, "protocol fault", "protocol")
         if task is not None:
@@ -690,7 +697,13 @@ class WorkerPool:
         # A retiring one was replaced already; the standby is replaced as a standby.
         owned_slot = worker is self.standby or self.slots[worker.slot] is worker
         self._detach(worker, WorkerState.KILLED)
-        log.info("worker %d killed (%s)", worker.pid, reason)
+        # A cancel's kill is a page's everyday business (a record change): DEBUG.
+        log.log(
+            logging.DEBUG if cause == "cancel" else logging.INFO,
+            "worker %d killed (%s)",
+            worker.pid,
+            reason,
+        )
         if owned_slot:
             self.replace(worker.slot)
 
@@ -708,8 +721,10 @@ class WorkerPool:
             self._kill(worker, f"retired, but still running after {RETIRE_GRACE:.0f} s")
 
     def _ended(self, cause: str) -> None:
-        if cause and self.on_worker_ended is not None and not self._stopping:
-            self.on_worker_ended(cause)
+        if cause and not self._stopping:
+            self.ended[cause] += 1
+            if self.on_worker_ended is not None:
+                self.on_worker_ended(cause)
 
     def _detach(self, worker: Worker, state: WorkerState) -> None:
         """Take the worker out of its slot; it lives on in ``_others`` until reaped."""

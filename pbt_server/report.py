@@ -56,7 +56,7 @@ def status_report(
             "metrics": metrics,
             "max_sessions": max_sessions,
         },
-        "totals": totals(sessions, workers),
+        "totals": totals(sessions, workers) | {"worker_ends": dict(pool.ended)},
         "sessions": [
             {
                 "id": s.id,
@@ -79,7 +79,7 @@ def live_state(
     workers = worker_rows(pool, now, rss=False)
     rows = heapq.nlargest(busiest, sessions, key=lambda s: (s.waiting + s.running, -s.id))
     return {
-        "totals": totals(sessions, workers),
+        "totals": totals(sessions, workers) | {"worker_ends": dict(pool.ended)},
         "sessions": [
             {"id": s.id, "pages": len(s.pages), "waiting": s.waiting, "running": s.running}
             for s in rows

@@ -90,6 +90,7 @@ def _prologue(spec: WorkerSpec) -> None:
     if spec.log_handler is not None:
         # Our records go to the broker's log through multiprocessing-logging's queue; the
         # broker's own queue handler (and its listener thread) did not survive the fork.
+        spec.log_handler.addFilter(_in_task)
         logging.getLogger().handlers = [spec.log_handler]
     _close_inherited(spec.close_fds, spec.keep_fds)
     # Die with the broker, even if it is SIGKILLed: orphaned workers would hold pipes forever.
@@ -107,6 +108,16 @@ def _prologue(spec: WorkerSpec) -> None:
     # Marks this process and everything a codeunit starts as a child session: the client
     # refuses to connect from here, and the next start finds what a killed broker left.
     os.environ[CHILD_SESSION_VARIABLE] = spec.instance or str(spec.broker_pid)
+
+
+_current: dict[str, Any] = {}  # the task this worker runs, for its log records
+
+
+def _in_task(record: logging.LogRecord) -> bool:
+    """Tag a record logged during a task with the task (the server log says whose it is)."""
+    if _current:
+        record.pbt = {**_current, "worker": os.getpid(), "in_task": True}
+    return True
 
 
 def _watch_forks(spec: WorkerSpec) -> Baseline:
@@ -169,7 +180,11 @@ def _run_job(spec: WorkerSpec, db: Database, baseline: Baseline, job: Run) -> No
         log=logging.getLogger(f"codeunit.{job['codeunit']}"),
         context=MappingProxyType(dict(job["context"])),
     )
-    reply = _call_codeunit(ctx)
+    _current.update(session=job["session"], task=job["task"], codeunit=job["codeunit"])
+    try:
+        reply = _call_codeunit(ctx)
+    finally:
+        _current.clear()
     leftovers = baseline.leftovers()
     if leftovers:
         reply["leftovers"] = leftovers

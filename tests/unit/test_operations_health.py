@@ -24,6 +24,7 @@ from tests.scrape import get
 class Pool:
     slots: list[None] = field(default_factory=lambda: [None, None])  # no worker in either
     standby: None = None
+    ended: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -157,3 +157,13 @@ def test_the_readme_lists_every_code_the_server_sends():
         "README.md's code tables drifted: paste"
         " `python -c 'from pbt_server.errors import render_markdown as r; print(r(), end=\"\")'`"
     )
+
+
+def test_the_readme_lists_every_log_event():
+    from pathlib import Path
+
+    from pbt_server.events import render_markdown
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- events:begin -->\n", "<!-- events:end -->"
+    assert text[text.index(begin) + len(begin) : text.index(end)] == render_markdown()
