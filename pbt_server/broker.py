@@ -38,7 +38,10 @@ Lifecycle:
    and the worker is retired before it takes another task;
 7. stop (SIGTERM, SIGINT): stop listening, cancel every task (``ServerShuttingDown``), tell
    the clients, stop the workers, flush the connections for a bounded time, remove the socket.
-   SIGUSR1 and SIGHUP reopen the log file (logrotate).
+   SIGUSR1 reopens the log file (logrotate);
+8. reload (``pbt-server reload``, SIGHUP, ``run --reload``): reloading.py re-reads server.ini
+   and tries the codeunit modules in a fresh process; :meth:`Broker.apply` then takes the new
+   settings and code for every later task, losing none.
 
 Every loop callback here is short and synchronous: the loop never waits on a pipe, a socket
 or the disk (logging goes through a queue to a thread, see logs.py).
@@ -60,7 +63,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Final
 
-from pbt_server import __version__, proctree
+from pbt_server import __version__, proctree, systemd
 from pbt_server.budget import Budget
 from pbt_server.codeunits import CHILD_SESSION_VARIABLE
 from pbt_server.config import ServerConfig
@@ -90,8 +93,16 @@ from pbt_server.protocol import (
     Request,
     Shutdown,
 )
+from pbt_server.reloading import Reloader, consume
 from pbt_server.report import Tally, status_report
-from pbt_server.server import FD_RESERVE, ClientConnection, Listeners, fit_fd_limit
+from pbt_server.server import (
+    FD_RESERVE,
+    PENDING_PER_LISTENER,
+    Answer,
+    ClientConnection,
+    Listeners,
+    fit_fd_limit,
+)
 from pbt_server.sessions import Scheduler, Session, Task, TaskState
 from pbt_server.watchdog import Watchdog
 
@@ -104,6 +115,7 @@ SUMMARY_INTERVAL: Final = 60.0  # seconds between INFO summaries of task outcome
 STOP_GRACE: Final = 10.0  # for idle workers to exit
 FLUSH_GRACE: Final = 2.0  # for clients to read their last words; then they are cut off
 OPERATOR_RESERVE: Final = 8  # operator connections beyond MaxConnections
+METRICS_REQUESTS: Final = 16  # operations.MAX_REQUESTS: what the endpoint serves at once
 RESULT_OVERHEAD: Final = 256  # a completed event's own fields around the results map
 
 log = logging.getLogger("pbt_server.broker")
@@ -127,6 +139,8 @@ class Broker:
         image: WorkerImage,
         logs: BrokerLogging | None = None,
         private_fds: tuple[int, ...] = (),
+        *,
+        watch: bool = False,
     ) -> None:
         self.config = config
         self.loop = loop
@@ -165,6 +179,8 @@ class Broker:
         self.tally = Tally()
         self._summary: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
+        self.reloader = Reloader(self)
+        self._watch = watch  # run --reload: reload when a module file changes
         # [Server] MetricsAddress: counts for Prometheus and the dashboard (operations.py).
         # Off, none of it is imported and each hook below costs one attribute check.
         self.telemetry: Telemetry | None = None
@@ -186,8 +202,7 @@ class Broker:
         if left:
             log.warning("killed %d process(es) a previous run left behind: %s", len(left), left)
         self.max_sessions = fit_fd_limit(
-            self.config.server.max_connections,
-            FD_RESERVE + OPERATOR_RESERVE + 8 * self.pool.count,
+            self.config.server.max_connections, _fd_reserve(self.pool.count)
         )
         try:
             await self.pool.start(BOOT_TIMEOUT)
@@ -200,6 +215,7 @@ class Broker:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.loop.add_signal_handler(signum, self._on_signal, signum)
         tcp = self.listeners.tcp_text()
+        systemd.ready(f"{self.pool.count} workers, socket {self.config.server.socket_path}")
         event(
             log,
             logging.INFO,
@@ -212,6 +228,8 @@ class Broker:
         )
         # What exists now lives as long as the broker: keep it out of every GC pass.
         gc.freeze()
+        if self._watch:
+            self.reloader.watch()
         self._summary = self.loop.call_later(SUMMARY_INTERVAL, self._summarize)
         await self._stop.wait()
         if self._summary is not None:
@@ -231,8 +249,10 @@ class Broker:
     def _on_signal(self, signum: int) -> None:
         # Only record; the loop does the work (a signal handler must not act).
         name = signal.Signals(signum).name
-        if signum in (signal.SIGUSR1, signal.SIGHUP):
+        if signum == signal.SIGUSR1:
             self.loop.call_soon(self._reopen_log, name)
+        elif signum == signal.SIGHUP:
+            self.loop.call_soon(lambda: self.reloader.start(name).add_done_callback(consume))
         else:
             self.loop.call_soon(self.stop, f"{name} received")
 
@@ -243,12 +263,14 @@ class Broker:
 
     def stop(self, why: str, exit_code: int = 0) -> None:
         if not self._stop.is_set():
+            systemd.stopping()
             event(log, logging.INFO, Event.STOPPING, "stopping: %s", why)
             self.exit_code = exit_code
             self._stop.set()
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        self.reloader.stop()
         self.listeners.close()
         shutdown: Shutdown = {
             "op": "shutdown",
@@ -274,13 +296,17 @@ class Broker:
 
     # --- requests (server.RequestHandler) -------------------------------------------------
 
-    def handle_request(self, connection: ClientConnection, request: Request) -> Message:
+    def handle_request(self, connection: ClientConnection, request: Request) -> Answer:
         if request["op"] == "hello":
             return self._hello(connection, request)
         if connection.operator:
             if request["op"] not in OPERATOR_OPS:
                 raise NotAllowed(f"an operator's connection may not send {request['op']}")
-            return self.status() if request["op"] == "status" else {}
+            if request["op"] == "status":
+                return self.status()
+            if request["op"] == "reload":
+                return self.reloader.start("pbt-server reload")
+            return {}
         session = self.scheduler.sessions.get(connection.session_id)
         if session is None:  # ended (server stopping) while its requests were in flight
             raise ProtocolError(f"session {connection.session_id} has ended")
@@ -305,6 +331,8 @@ class Broker:
                 return {}
             case "status":
                 return self.status()
+            case "reload":
+                raise NotAllowed("reload is an operator's request (connect with operator=True)")
         raise ProtocolError(f"unhandled op {request['op']!r}")
 
     def _hello(self, connection: ClientConnection, hello: Hello) -> Message:
@@ -647,6 +675,27 @@ class Broker:
         )
         self._end_running(task, End.MEMORY, text)
 
+    # --- reload ---------------------------------------------------------------------------
+
+    def apply(self, config: ServerConfig, image: WorkerImage) -> None:
+        """Take a reload's settings and code (tried, and imported already): limits and
+        timeouts for new enqueues, the new registry, renewed workers (the log's level and
+        format: :meth:`retune_log`, once the reload is logged)."""
+        self.config = config
+        server = config.server
+        self.scheduler.limits = config.asynchronous_processing
+        self.scheduler.codeunits = image.codeunits
+        self.watchdog.ack_timeout = config.workers.ack_timeout_ms / 1000
+        self.watchdog.limit_bytes = config.workers.max_memory_mb << 20
+        self.budget.limit = server.max_buffered_mb << 20
+        self.max_sessions = fit_fd_limit(server.max_connections, _fd_reserve(config.workers.count))
+        self.pool.renew(config.workers, config.database, image)
+        self._dispatch()  # a higher concurrency limit, or more workers, may let tasks go
+
+    def retune_log(self) -> None:
+        if self.logs is not None:
+            self.logs.retune(self.config.server.log_level, self.config.server.log_format)
+
     # --- status ---------------------------------------------------------------------------
 
     def status(self) -> Message:
@@ -662,21 +711,39 @@ class Broker:
         )
 
 
+def _fd_reserve(workers: int) -> int:
+    """The fds the broker needs besides its sessions' sockets: its own, the operators', the
+    connections that have not said hello yet, the metrics endpoint's, and about 8 per
+    worker (pipes, pidfd, log queue), the standby and a reload's trial included."""
+    pending = 2 * PENDING_PER_LISTENER  # Unix socket and TCP
+    return FD_RESERVE + OPERATOR_RESERVE + pending + METRICS_REQUESTS + 8 * (workers + 2)
+
+
 def run_broker(
-    config: ServerConfig, *, log_to_stderr: bool, private_fds: tuple[int, ...] = ()
+    config: ServerConfig,
+    *,
+    log_to_stderr: bool,
+    private_fds: tuple[int, ...] = (),
+    watch: bool = False,
 ) -> int:
     """Run a broker in the foreground until SIGTERM/SIGINT; return its exit code.
 
-    ``private_fds`` are the caller's fds no worker may inherit (the pid file's lock).
+    ``private_fds`` are the caller's fds no worker may inherit (the pid file's lock);
+    ``watch``: reload whenever a codeunit module's file or server.ini changes.
     """
     server = config.server
+    systemd.take_socket()  # before any fork: only the broker speaks to systemd
+    # Until the loop handles them, a SIGHUP (reload) or SIGUSR1 (reopen the log) must not
+    # end a broker that is still importing its codeunits or booting its workers.
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     logs = BrokerLogging(
         server.log_file, server.log_level, to_stderr=log_to_stderr, log_format=server.log_format
     )
     try:
         # Before the loop exists and before any fork: workers inherit what this imports.
         image = prepare_workers(config.codeunits, config.database)
-        return asyncio.run(_main(config, logs, image, private_fds))
+        return asyncio.run(_main(config, logs, image, private_fds, watch))
     except (PbtError, ImportError, OSError) as err:
         log.critical("pbt-server failed: %s", err)
         return 1
@@ -688,7 +755,11 @@ def run_broker(
 
 
 async def _main(
-    config: ServerConfig, logs: BrokerLogging, image: WorkerImage, private_fds: tuple[int, ...]
+    config: ServerConfig,
+    logs: BrokerLogging,
+    image: WorkerImage,
+    private_fds: tuple[int, ...],
+    watch: bool,
 ) -> int:
-    broker = Broker(config, asyncio.get_running_loop(), image, logs, private_fds)
+    broker = Broker(config, asyncio.get_running_loop(), image, logs, private_fds, watch=watch)
     return await broker.serve()

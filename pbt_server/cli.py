@@ -1,9 +1,10 @@
-"""The ``pbt-server`` command: ``run``, ``start``, ``stop``, ``status``, ``health``, ``web``
-and ``demo``.
+"""The ``pbt-server`` command: ``run``, ``start``, ``stop``, ``reload``, ``status``,
+``health``, ``web`` and ``demo``.
 
 Exit codes: 0 success (``stop`` also when there was nothing to stop), 1 the command could not
-do its job (already running, not running for ``status`` and ``health``, failed to start or
-stop), 2 bad command line or bad configuration. ``run`` returns the broker's own exit code.
+do its job (already running, not running for ``status``, ``health`` and ``reload``, failed to
+start or stop, a reload refused), 2 bad command line or bad configuration. ``run`` returns
+the broker's own exit code.
 
 The broker and the client are imported inside the commands that need them, so
 ``pbt-server --version`` stays fast.
@@ -28,6 +29,8 @@ DEFAULT_CONFIG = Path("config/server.ini")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+RELOAD_WAIT = 90.0  # seconds: the broker gives the new code 60 s to import
+OPERATOR_FRAME = 1 << 26  # the largest frame there is (MaxFrameBytes' own maximum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +59,20 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
     run = commands.add_parser("run", parents=[common], help="run the broker in the foreground")
     run.add_argument("--daemon", action="store_true", help="log only to LogFile (used by `start`)")
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="reload whenever a codeunit module's file or server.ini changes (development)",
+    )
     run.set_defaults(handler=_run)
     for name, handler, text in [
         ("start", _start, "start the broker in the background"),
         ("stop", _stop, "stop the background broker gracefully"),
+        (
+            "reload",
+            _reload,
+            "re-read server.ini and the codeunit modules without losing a session or a task",
+        ),
         ("health", _health, "exit 0 if the broker answers and has its workers, else 1"),
     ]:
         commands.add_parser(name, parents=[common], help=text).set_defaults(handler=handler)
@@ -110,7 +123,9 @@ def _run(args: argparse.Namespace) -> int:
 
         lock = pidfile.fileno()
         private = (lock,) if lock is not None else ()
-        return run_broker(config, log_to_stderr=not args.daemon, private_fds=private)
+        return run_broker(
+            config, log_to_stderr=not args.daemon, private_fds=private, watch=args.reload
+        )
     finally:
         pidfile.release()
 
@@ -140,6 +155,45 @@ def _stop(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     return stop_daemon(config)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from pbt_server.client import connect
+    from pbt_server.errors import ConnectionLost, PbtError
+
+    config = _load_config(args)
+    if config is None:
+        print("nothing was reloaded", file=sys.stderr)
+        return EXIT_USAGE
+    socket_path = config.server.socket_path
+    try:
+        with connect(str(socket_path), timeout=10.0, operator=True, keepalive=None) as session:
+            reply = session._request("reload", {}, timeout=RELOAD_WAIT)
+    except ConnectionLost as err:
+        from pbt_server.daemon import Pidfile
+
+        pid = Pidfile(config.server.pid_file).running_pid()
+        if pid is None:
+            print(f"pbt-server is not running (no answer on {socket_path}: {err})")
+        else:
+            _error(
+                f"pbt-server (pid {pid}) runs but does not answer on {socket_path}: if"
+                " SocketPath was changed, the server still listens on the old one until a"
+                f" restart; `kill -HUP {pid}` reloads everything else"
+            )
+        return EXIT_FAILED
+    except (PbtError, TimeoutError) as err:
+        code = getattr(err, "code", type(err).__name__)
+        _error(f"pbt-server: reload refused; the running code and settings stay: {code}: {err}")
+        return EXIT_FAILED
+    seconds = reply["seconds"]
+    print(
+        f"reloaded in {seconds.get('total', 0) * 1000:.0f} ms:"
+        f" {len(reply['codeunits'])} codeunit(s); busy workers switch after their task"
+    )
+    for key in reply["restart"]:
+        print(f"  {key} changed; it applies only after a restart (stop, start)")
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -191,7 +245,11 @@ def _operator_status(socket_path: str, timeout: float = 10.0) -> dict[str, Any]:
     """The broker's status through an operator's connection, which works when it is full."""
     from pbt_server.client import connect
 
-    with connect(socket_path, timeout=timeout, operator=True, keepalive=None) as session:
+    # A full server's report (every session with its context) can outgrow the frames a
+    # session takes: an operator takes the largest the protocol allows.
+    with connect(
+        socket_path, timeout=timeout, operator=True, keepalive=None, max_frame=OPERATOR_FRAME
+    ) as session:
         return session.status()
 
 

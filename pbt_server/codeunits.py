@@ -140,3 +140,78 @@ def load_modules(modules: Iterable[str]) -> Mapping[int, Codeunit]:
         except Exception as err:
             raise ImportError(f"cannot import codeunit module {module!r}: {err}") from err
     return registered()
+
+
+# --- reloading: new code in a fresh process ------------------------------------------------
+
+_OWN_PACKAGES: Final = frozenset({"pbt_server", "workers"})
+
+
+def application_packages(modules: Iterable[str]) -> tuple[str, ...]:
+    """The module prefixes a reload imports afresh for ``[Codeunits] Modules``: the whole
+    top-level package of each (``myapp`` for ``myapp.codeunits``, so the helpers it imports
+    reload too), but only the named module itself inside pbt-server's own packages
+    (``workers.demo``). Third-party packages they import are kept as they are."""
+    prefixes: set[str] = set()
+    for module in modules:
+        top = module.partition(".")[0]
+        prefixes.add(module if top in _OWN_PACKAGES else top)
+    return tuple(sorted(prefixes))
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def reimport(modules: Iterable[str], prefixes: Iterable[str]) -> Mapping[int, Codeunit]:
+    """Forget the modules under ``prefixes`` and the codeunits they registered, then import
+    ``modules`` again (their files as they are now): in a reload's trial process, then in
+    the broker (which runs no codeunit; its workers are forked after).
+
+    Raises:
+        ImportError: as :func:`load_modules`.
+    """
+    prefixes = tuple(prefixes)
+    for name in [n for n in sys.modules if _under(n, prefixes)]:
+        del sys.modules[name]
+    for codeunit_id, entry in list(_CODEUNITS.items()):
+        if _under(entry.function.__module__, prefixes):
+            del _CODEUNITS[codeunit_id]
+    importlib.invalidate_caches()
+    return load_modules(modules)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The modules under some prefixes and the registry, as they were (to undo a reimport)."""
+
+    prefixes: tuple[str, ...]
+    modules: Mapping[str, object]
+    codeunits: Mapping[int, Codeunit]
+
+
+def snapshot(prefixes: Iterable[str]) -> Snapshot:
+    prefixes = tuple(prefixes)
+    modules = {n: m for n, m in sys.modules.items() if _under(n, prefixes)}
+    return Snapshot(prefixes, modules, registered())
+
+
+def restore(saved: Snapshot) -> None:
+    """Put back what :func:`reimport` replaced since ``saved`` was taken."""
+    for name in [n for n in sys.modules if _under(n, saved.prefixes)]:
+        del sys.modules[name]
+    sys.modules.update(saved.modules)  # type: ignore[arg-type]
+    _CODEUNITS.clear()
+    _CODEUNITS.update(saved.codeunits)
+
+
+def module_files(prefixes: Iterable[str]) -> list[str]:
+    """The source files of the imported modules under ``prefixes`` (what ``--reload``
+    watches)."""
+    prefixes = tuple(prefixes)
+    files = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and _under(name, prefixes):
+            files.append(path)
+    return sorted(files)

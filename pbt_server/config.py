@@ -250,6 +250,7 @@ class Key:
     relative: Callable[[str, Path], Any] | None  # converters of paths take the base dir
     doc: str
     secret: bool = False
+    restart: bool = False  # a reload cannot apply it: the running server keeps its value
 
     def parse(self, text: str, base: Path) -> Any:
         if self.relative is not None:
@@ -265,15 +266,24 @@ def key(
     doc: str,
     *,
     secret: bool = False,
+    restart: bool = False,
 ) -> Any:
-    """Declare a dataclass field as the ini key ``name``."""
-    spec = Key(name, default, convert, None, doc, secret)
+    """Declare a dataclass field as the ini key ``name``; ``restart``: a reload cannot
+    apply a new value (the running server keeps its own and says so)."""
+    spec = Key(name, default, convert, None, doc, secret, restart)
     return field(metadata={_KEY: spec}, repr=not secret)
 
 
-def path_key(name: str, default: str, convert: Callable[[str, Path], Any], doc: str) -> Any:
+def path_key(
+    name: str,
+    default: str,
+    convert: Callable[[str, Path], Any],
+    doc: str,
+    *,
+    restart: bool = False,
+) -> Any:
     """Declare a key whose value resolves against the base directory."""
-    return field(metadata={_KEY: Key(name, default, None, convert, doc)})
+    return field(metadata={_KEY: Key(name, default, None, convert, doc, restart=restart)})
 
 
 def keys(section: type) -> list[tuple[str, Key]]:
@@ -321,8 +331,9 @@ class _SectionReader:
 
     def finish(self) -> None:
         for value in self._given.values():
+            # No value shown: a misspelt secret (AuthTokn = ...) must not reach a log.
             raise ConfigError(
-                f"{value.origin}: [{self.section}] {value.key} = '{value.text}':"
+                f"{value.origin}: [{self.section}] {value.key}:"
                 f" unknown key (known: {', '.join(self._used)})"
             )
 
@@ -358,13 +369,18 @@ class ServerSection(Section):
     SECTION: ClassVar[str] = "Server"
 
     socket_path: Path = path_key(
-        "SocketPath", "var/pbt.sock", _socket_path, "Unix socket clients connect to (mode 0600)"
+        "SocketPath",
+        "var/pbt.sock",
+        _socket_path,
+        "Unix socket clients connect to (mode 0600)",
+        restart=True,
     )
     tcp_address: tuple[str, int] | None = key(
         "TcpAddress",
         "",
         _tcp_address,
         "also listen on TCP, as host:port ([::1]:7085 for IPv6); empty = off; needs AuthToken",
+        restart=True,
     )
     auth_token: str = key(
         "AuthToken",
@@ -374,10 +390,18 @@ class ServerSection(Section):
         secret=True,
     )
     pid_file: Path = path_key(
-        "PidFile", "var/pbt-server.pid", _path, "pid file, locked while the server runs"
+        "PidFile",
+        "var/pbt-server.pid",
+        _path,
+        "pid file, locked while the server runs",
+        restart=True,
     )
     log_file: Path = path_key(
-        "LogFile", "var/pbt-server.log", _path, "log file of the server and its workers"
+        "LogFile",
+        "var/pbt-server.log",
+        _path,
+        "log file of the server and its workers",
+        restart=True,
     )
     log_level: str = key("LogLevel", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: str = key(
@@ -391,6 +415,7 @@ class ServerSection(Section):
         str(DEFAULT_MAX_FRAME),
         _int_in(1024, 1 << 26),
         "largest client frame and largest task result, in bytes (1024 to 67108864)",
+        restart=True,
     )
     max_connections: int = key(
         "MaxConnections",
@@ -412,6 +437,7 @@ class ServerSection(Section):
         "serve Prometheus metrics (/metrics), a health check (/health) and the live dashboard"
         " (/) over HTTP on host:port; empty = off; needs pbt-server[metrics]; no"
         " authentication, so bind it to an internal address",
+        restart=True,
     )
 
     def check(self, r: _SectionReader) -> None:
@@ -543,6 +569,7 @@ class WebSection(Section):
         "00:00:10",
         _timespan,
         "how long a browser tab's session outlives its dropped WebSocket (a network blip)",
+        restart=True,
     )
     allowed_origins: tuple[str, ...] = key(
         "AllowedOrigins",
@@ -550,18 +577,21 @@ class WebSection(Section):
         _origins,
         "origins whose pages may connect (https://app.example.com, ...); empty = the"
         " request's own host",
+        restart=True,
     )
     allowed_codeunits: frozenset[int] = key(
         "AllowedCodeunits",
         "",
         _codeunit_ids,
         "codeunit ids a browser may enqueue when the app gives no authorize hook; empty = none",
+        restart=True,
     )
     max_message_bytes: int = key(
         "MaxMessageBytes",
         "65536",
         _int_in(1024, 1 << 26),
         "the largest WebSocket message a browser may send, in bytes",
+        restart=True,
     )
 
 
@@ -577,6 +607,8 @@ class ServerConfig:
     web: WebSection
     source: Path | None
     """The file it was read from (absolute), or None for built-in defaults."""
+    base_dir: Path | None = None
+    """The directory relative paths resolved against (a reload reads the file again there)."""
 
 
 SECTIONS: Final[tuple[type[Section], ...]] = (
@@ -620,7 +652,33 @@ def load_config(
         codeunits=read(CodeunitsSection),
         web=read(WebSection),
         source=None if path is None else Path(os.path.abspath(path)),
+        base_dir=base,
     )
+
+
+def reloaded(running: ServerConfig, new: ServerConfig) -> tuple[ServerConfig, list[str]]:
+    """What a reload applies: ``new``, except the keys declared ``restart``, which keep their
+    running values. Returns that config and the keys that changed but wait for a restart,
+    as ``[Section] Key`` (the ``[Web]`` keys are the web app's, read when it starts)."""
+    waiting: list[str] = []
+    sections: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        old_section, new_section = getattr(running, f.name), getattr(new, f.name)
+        if not isinstance(old_section, Section):
+            continue
+        kept = {}
+        for name, spec in keys(type(old_section)):
+            if spec.restart and getattr(old_section, name) != getattr(new_section, name):
+                kept[name] = getattr(old_section, name)
+                waiting.append(f"[{old_section.SECTION}] {spec.name}")
+        sections[f.name] = dataclasses.replace(new_section, **kept) if kept else new_section
+    server = sections["server"]
+    assert isinstance(server, ServerSection)
+    if server.tcp_address is not None and not server.auth_token:
+        # TCP stays open until the restart: it must not stay open without a token.
+        sections["server"] = dataclasses.replace(server, auth_token=running.server.auth_token)
+        waiting.append("[Server] AuthToken (empty, while TCP listens until the restart)")
+    return dataclasses.replace(new, **sections), waiting
 
 
 class _CaseKeepingParser(configparser.ConfigParser):
@@ -711,13 +769,15 @@ def render_ini(sections: tuple[type[Section], ...] = SECTIONS) -> str:
 
 def render_markdown(sections: tuple[type[Section], ...] = SECTIONS) -> str:
     """The README's table of every key."""
-    rows = ["| section | key | default | meaning |", "|---|---|---|---|"]
+    rows = ["| section | key | default | reload | meaning |", "|---|---|---|---|---|"]
     for cls in sections:
         first = True
         for _, spec in keys(cls):
             default = f"`{spec.default}`" if spec.default else "(empty)"
             doc = spec.doc.replace("|", "\\|")
-            rows.append(f"| {cls.SECTION if first else ''} | {spec.name} | {default} | {doc} |")
+            applies = "restart" if spec.restart else "yes"
+            section = cls.SECTION if first else ""
+            rows.append(f"| {section} | {spec.name} | {default} | {applies} | {doc} |")
             first = False
     return "\n".join(rows) + "\n"
 

@@ -131,6 +131,14 @@ class BootFailed(PbtError):
 # --- enqueue failures: raised synchronously by enqueue_background_task ------------------
 
 
+class ReloadFailed(PbtError):
+    """A reload found new code or configuration that cannot run (a module that does not
+    import, a config error, a database the new workers cannot open); the running code and
+    configuration stay."""
+
+    code = "ReloadFailed"
+
+
 class EnqueueError(PbtError):
     """Base of the errors that make ``enqueue_background_task`` fail at once."""
 

@@ -10,7 +10,7 @@
   last records: its queue dies with it. That loss is why the broker logs every task's fate
   itself.
 - The log file is opened without following a symbolic link (as the socket and pid file
-  are), reopened on ``SIGUSR1`` or ``SIGHUP`` (after logrotate renamed it), and a write that
+  are), reopened on ``SIGUSR1`` (after logrotate renamed it), and a write that
   fails (disk full) costs one line on stderr, not a traceback per record.
 """
 
@@ -184,6 +184,15 @@ class BrokerLogging:
         handler = multiprocessing_logging.MultiProcessingHandler(name, sub_handler=self._forward)
         handler.setLevel(self.level)
         return handler
+
+    def retune(self, level: str, log_format: str) -> None:
+        """A reload's ``LogLevel`` and ``LogFormat``: the broker's records from now on, and
+        those of every worker forked from now on."""
+        formatter = FORMATTERS[log_format]()
+        for handler in self.outputs:
+            handler.setFormatter(formatter)
+        self.level = level
+        self.root.setLevel(level)
 
     def reopen(self) -> None:
         """Reopen the log file (after logrotate moved it away)."""

@@ -11,12 +11,15 @@ fork is 50x cheaper than spawn, which keeps a replacement worker ready within a 
 kill. The hazards of forking from a running asyncio loop are handled by the worker's
 prologue (``workers/main.py``).
 
-The verbs: :meth:`WorkerPool.assign` hands a task to an idle worker, :meth:`worker_of`
-names the worker running a task, :meth:`abort` kills that worker and forgets the task,
+The verbs: :meth:`WorkerPool.assign` hands a task to an idle worker, :meth:`worker_of` names
+the worker running a task, :meth:`abort` kills that worker and forgets the task,
 :meth:`retire` lets a worker exit after its task, :meth:`replace` refills a slot (from the
-booted standby when it can). The pool finishes its own bookkeeping before it tells the
-broker anything (:class:`PoolListener`), so the broker may assign or abort from inside any
-callback.
+booted standby when it can). A reload: :meth:`trial` imports the new code in a process of
+its own and reports what it found; when it could, :func:`reimage_workers` imports it into
+the broker and :meth:`renew` forks every later worker with it (and the new settings),
+retires the idle ones at once and the busy ones after their task, and resizes the pool. The
+pool finishes its own bookkeeping before it tells the broker anything
+(:class:`PoolListener`), so the broker may assign or abort from inside any callback.
 
 Worker states::
 
@@ -49,15 +52,15 @@ from typing import TYPE_CHECKING, Final, Protocol
 import psutil
 
 from pbt_server import proctree
-from pbt_server.codeunits import Codeunit, load_modules
+from pbt_server.codeunits import Codeunit, load_modules, reimport, restore, snapshot
 from pbt_server.config import CodeunitsSection, DatabaseSection, WorkersSection
-from pbt_server.errors import BootFailed, ProtocolError
+from pbt_server.errors import BootFailed, ProtocolError, ReloadFailed
 from pbt_server.events import Event, event, task_event
 from pbt_server.logs import queue_fds, retire_worker_handler
 from pbt_server.proctree import describe_exit
-from pbt_server.protocol import FROM_WORKER, Run, brief, pack, pipe_unpacker
+from pbt_server.protocol import FROM_TRIAL, FROM_WORKER, Run, Tried, brief, pack, pipe_unpacker
 from workers.database import preload
-from workers.main import EXIT_BOOT_FAILURE, STACK_SIGNAL, WorkerSpec, run_worker
+from workers.main import EXIT_BOOT_FAILURE, STACK_SIGNAL, WorkerSpec, run_trial, run_worker
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -71,6 +74,8 @@ BOOT_RETRY_LIMIT: Final = 8  # consecutive boot failures (~20 s of backoff) befo
 BOOT_BACKOFF_MAX: Final = 10.0
 RETIRE_GRACE: Final = 10.0  # seconds a retired worker may take to exit
 STANDBY: Final = -1  # the slot number of the standby worker
+TRIAL: Final = -2  # ... and of a reload's trial process
+TRIAL_MESSAGE_LIMIT: Final = 1 << 20  # bytes a trial may say (its codeunits and files)
 STANDBY_REFILL_DELAY: Final = 0.02  # let the work a kill freed go first, then fork
 SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)
 MESSAGE_OVERHEAD: Final = 256  # a pipe message's own fields around a result or error text
@@ -109,6 +114,59 @@ def prepare_workers(codeunits: CodeunitsSection, database: DatabaseSection) -> W
     """
     before = set(threading.enumerate())
     found = load_modules(codeunits.modules)
+    _warn_of_threads(before)
+    preload(database)
+    return WorkerImage(codeunits=found, keep_fds=frozenset(proctree.shared_fds()))
+
+
+def reimage_workers(
+    image: WorkerImage,
+    modules: tuple[str, ...],
+    prefixes: tuple[str, ...],
+    database: DatabaseSection,
+) -> WorkerImage:
+    """A reload, after its trial: import the new code into the broker, for every later fork.
+
+    The modules under ``prefixes`` are imported afresh (the trial compiled them: this takes
+    a few ms); what else they import stays. Every worker forked from now on inherits the
+    new code, whatever the files say later. The broker's signal handlers are put back if
+    a module changed them.
+
+    Raises:
+        ImportError: the import failed this time (a file changed since the trial); the
+            old modules and codeunits are back in place.
+    """
+    saved = snapshot(prefixes)
+    handlers = {signum: signal.getsignal(signum) for signum in _HANDLED}
+    threads = set(threading.enumerate())
+    fds = proctree.shared_fds()
+    try:
+        found = reimport(modules, prefixes)
+        preload(database)
+    except BaseException:
+        restore(saved)
+        raise
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None and signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
+    _warn_of_threads(threads)
+    # Sockets the new modules opened at import are theirs: workers keep them too.
+    return WorkerImage(found, keep_fds=image.keep_fds | (proctree.shared_fds() - fds))
+
+
+_HANDLED: Final = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+    signal.SIGPIPE,
+)
+
+
+def _warn_of_threads(before: set[threading.Thread]) -> None:
     for thread in set(threading.enumerate()) - before:
         # Only the forking thread survives a fork: a codeunit relying on this thread would
         # wait for it forever, in every worker.
@@ -117,8 +175,6 @@ def prepare_workers(codeunits: CodeunitsSection, database: DatabaseSection) -> W
             " into the workers, so a codeunit that relies on it will hang until its timeout",
             thread.name,
         )
-    preload(database)
-    return WorkerImage(codeunits=found, keep_fds=frozenset(proctree.shared_fds()))
 
 
 # --- workers ------------------------------------------------------------------------------
@@ -147,10 +203,12 @@ class Worker:
     pidfd: int
     unpacker: msgpack.Unpacker
     stack_r: int = -1  # where its stack dump arrives
+    code: int = 0  # which reload's code and settings it runs (0: those of the start)
     state: WorkerState = WorkerState.BOOTING
     task: Task | None = None
     tasks_done: int = 0
     pending: bytearray = field(default_factory=bytearray)  # job bytes the pipe did not take
+    fed: int = 0  # bytes read from its result pipe so far
     log_handler: logging.Handler | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
     _ps: psutil.Process | None = None
@@ -171,6 +229,7 @@ class Worker:
 
 
 _SILENCED: Final = frozenset({WorkerState.DUMPING, WorkerState.KILLED, WorkerState.DEAD})
+_ENDS: Final = frozenset({"done", "failed"})  # the messages that end a task
 # A worker in these states was ended (or is being ended) by the pool: its death is no news.
 _ENDED_BY_US: Final = frozenset({WorkerState.DUMPING, WorkerState.KILLED, WorkerState.RETIRING})
 
@@ -226,12 +285,14 @@ class WorkerPool:
         self._idle: deque[Worker] = deque()
         self._running: dict[int, Worker] = {}  # job -> the worker running it
         self._others: set[Worker] = set()  # retiring or killed, not yet reaped
+        self._trials: dict[int, tuple[int, int]] = {}  # pid -> (result pipe, pidfd)
         self._stopping = False
         self._started = False  # every first worker booted: the server serves
         self._boot_failures = 0
         self._last_boot_error = ""
         self._fork_failures = 0
         self._gen = 0
+        self.code = 0  # reloads renewed so far; a worker of an older one is retired
         self._ready_waiter: asyncio.Future[None] | None = None
         self._reaped = asyncio.Event()  # set whenever a worker process has been reaped
         self._sweeper: asyncio.TimerHandle | None = None
@@ -291,7 +352,151 @@ class WorkerPool:
         return [w for w in self.slots if w is not None] + standby + list(self._others)
 
     def pids(self) -> set[int]:
-        return {w.pid for w in self.workers()}
+        """Our children's pids: the workers' and a reload trial's."""
+        return {w.pid for w in self.workers()} | set(self._trials)
+
+    # --- reloading ----------------------------------------------------------------------------
+
+    async def trial(
+        self,
+        modules: tuple[str, ...],
+        prefixes: tuple[str, ...],
+        database: DatabaseSection,
+        limit: float,
+    ) -> Tried:
+        """Import ``modules`` afresh (the old ones under ``prefixes`` forgotten first) and
+        open ``database`` in a process of its own, forked like a worker; say what it found.
+
+        Raises:
+            ReloadFailed: the import or the database failed (the message is the reason),
+                or the process died or took longer than ``limit`` seconds.
+        """
+        res_r, res_w = os.pipe()
+        os.set_blocking(res_r, False)
+        self._gen += 1
+        gen = self._gen
+        handler = None
+        if self.log_handler_factory is not None:
+            handler = self.log_handler_factory(f"pbt-reload-trial.{gen}")
+        spec = WorkerSpec(
+            slot=TRIAL,
+            gen=gen,
+            job_r=-1,
+            res_w=res_w,
+            close_fds=(res_r, *self._inherited_fds()),
+            keep_fds=self.image.keep_fds,
+            broker_pid=os.getpid(),
+            database=database,
+            max_result_bytes=self.max_result_bytes,
+            log_handler=handler,
+            instance=self.instance,
+            modules=modules,
+            prefixes=prefixes,
+        )
+        process = _MP.Process(target=run_trial, args=(spec,), name="pbt-reload-trial", daemon=True)
+        try:
+            process.start()
+        except BaseException:
+            os.close(res_r)
+            if handler is not None:
+                retire_worker_handler(handler)
+            raise
+        finally:
+            os.close(res_w)
+        assert process.pid is not None
+        pid = process.pid
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # as for a worker: its group is killed with it
+        pidfd = os.pidfd_open(pid)  # a child not yet reaped: its pid cannot be reused
+        self._trials[pid] = (res_r, pidfd)
+        said = bytearray()
+        exited = self.loop.create_future()
+
+        def readable() -> None:
+            with contextlib.suppress(BlockingIOError):
+                data = os.read(res_r, 1 << 16)
+                if not data:
+                    self.loop.remove_reader(res_r)
+                said.extend(data)
+                if len(said) > TRIAL_MESSAGE_LIMIT:
+                    proctree.kill_tree(pid, pidfd)
+
+        def ended() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        self.loop.add_reader(res_r, readable)
+        self.loop.add_reader(pidfd, ended)
+        try:
+            async with asyncio.timeout(limit):
+                await exited
+        except TimeoutError:
+            raise ReloadFailed(
+                f"the new code did not import (and open the database) within {limit:g} s"
+            ) from None
+        finally:
+            proctree.kill_tree(pid, pidfd)  # its own tree: what its imports started goes too
+            self.loop.remove_reader(pidfd)
+            process.join()
+            readable()
+            self.loop.remove_reader(res_r)
+            os.close(res_r)
+            os.close(pidfd)
+            del self._trials[pid]
+            if handler is not None:
+                retire_worker_handler(handler)
+        return self._trial_result(bytes(said), gen, describe_exit(process.exitcode))
+
+    @staticmethod
+    def _trial_result(said: bytes, gen: int, how: str) -> Tried:
+        if not said:
+            raise ReloadFailed(
+                f"the reload's trial process {how} before it could say how importing the new"
+                " code went"
+            )
+        unpacker = pipe_unpacker(TRIAL_MESSAGE_LIMIT + (1 << 16))
+        try:
+            unpacker.feed(said)
+            messages = list(unpacker)
+            if len(messages) != 1 or type(messages[0]) is not dict:
+                raise ProtocolError(f"sent {len(messages)} messages, not one map")
+            message = FROM_TRIAL.validate(messages[0])
+            if message["gen"] != gen:
+                raise ProtocolError(f"said it is incarnation {message['gen']}, not {gen}")
+        except ProtocolError as err:
+            raise ReloadFailed(f"the reload's trial process {how}: {err.text}") from None
+        except Exception as err:
+            text = f"the reload's trial process {how}, and said {len(said)} bytes that are"
+            raise ReloadFailed(f"{text} not msgpack ({brief(err)})") from None
+        if message["op"] == "boot_failed":
+            raise ReloadFailed(message["text"])
+        return message
+
+    def renew(self, workers: WorkersSection, database: DatabaseSection, image: WorkerImage) -> None:
+        """Fork every later worker with this image and these settings; retire the workers
+        of the old ones (idle: now; busy: after their task) and resize the pool to
+        ``workers.count``."""
+        self.config = workers
+        self.database = database
+        self.image = image
+        self.code += 1
+        self._boot_failures = 0
+        old = len(self.slots)
+        if workers.count < old:
+            for worker in self.slots[workers.count :]:
+                if worker is not None and worker.state not in (
+                    WorkerState.IDLE,
+                    WorkerState.BOOTING,
+                ):
+                    self._others.add(worker)  # busy: retired when its task ends
+            del self.slots[workers.count :]
+        # The standby first, so no slot is refilled with a worker of the old code.
+        for worker in [self.standby, *self.slots, *self._others]:
+            if worker is not None and worker.state in (WorkerState.IDLE, WorkerState.BOOTING):
+                self.retire(worker, "reload")
+        for slot in range(old, workers.count):
+            self.slots.append(None)
+            self._spawn(slot)
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -441,6 +646,7 @@ class WorkerPool:
 
     def _feed(self, worker: Worker, data: bytes) -> None:
         unpacker = worker.unpacker
+        worker.fed += len(data)
         try:
             unpacker.feed(data)
         except Exception:  # BufferFull: more than one message's worth, unread
@@ -462,6 +668,10 @@ class WorkerPool:
             try:
                 if size > self._max_message:
                     raise ProtocolError(f"sent {size} bytes in one message")
+                if end != worker.fed and type(message) is dict and message.get("op") in _ENDS:
+                    # A worker says nothing after its task's end until it gets the next job;
+                    # more bytes would be words for a job this worker is about to be handed.
+                    raise ProtocolError(f"wrote more after its {message['op']!r}")
                 self._handle(worker, message)
             except ProtocolError as err:
                 self._protocol_fault(worker, err.text)
@@ -537,6 +747,8 @@ class WorkerPool:
                 worker=worker.pid,
             )
             self.retire(worker, "leftovers")
+        elif worker.code != self.code or not self._owns_slot(worker):
+            self.retire(worker, "reload")  # old code or settings, or its slot is gone
         elif recycle and worker.tasks_done >= recycle:
             log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
             self.retire(worker, "recycle")
@@ -553,7 +765,8 @@ class WorkerPool:
         task = worker.task
         self._kill(worker, "protocol fault", "protocol")
         if task is not None:
-            self.listener.task_lost(task, text, started_elsewhere_ok=False)
+            # A task it never acknowledged did not run there: it may run elsewhere, once.
+            self.listener.task_lost(task, text, started_elsewhere_ok=task.started_at is None)
 
     def _check_all_ready(self) -> None:
         waiter = self._ready_waiter
@@ -581,12 +794,17 @@ class WorkerPool:
     def replace(self, slot: int) -> None:
         """Refill ``slot``: with the standby at once if it is ready, else by a fork on the next
         loop turn (so the caller's outcome goes out first)."""
-        if self._stopping:
-            return
+        if self._stopping or slot >= len(self.slots):
+            return  # stopping, or the slot went with a smaller Workers.Count
         standby = self.standby
         if slot == STANDBY:
             self.loop.call_later(STANDBY_REFILL_DELAY, self._respawn_if_empty, STANDBY)
-        elif standby is not None and standby.state is WorkerState.IDLE and not standby.exited:
+        elif (
+            standby is not None
+            and standby.state is WorkerState.IDLE
+            and not standby.exited
+            and standby.code == self.code
+        ):
             self.standby = None
             standby.slot = slot  # standby -> slot
             self.slots[slot] = standby
@@ -664,6 +882,7 @@ class WorkerPool:
             raise
         unpacker = pipe_unpacker(self._max_message + (1 << 16))  # one message, one read more
         worker = Worker(slot, self._gen, process, pid, job_w, res_r, pidfd, unpacker, stack_r)
+        worker.code = self.code
         worker.log_handler = handler
         if slot == STANDBY:
             self.standby = worker
@@ -678,6 +897,8 @@ class WorkerPool:
         """Every fd a new worker must not hold: the other workers' pipes, pidfds, sentinels
         and log queues (holding a dead worker's queue open would keep its reader waiting)."""
         fds: list[int] = list(self.private_fds())
+        for pipe, pidfd in self._trials.values():
+            fds += (pipe, pidfd)
         for worker in self.workers():
             fds += (worker.job_w, worker.res_r, worker.stack_r, worker.pidfd)
             fds.append(worker.process.sentinel)
@@ -695,7 +916,7 @@ class WorkerPool:
         self._ended(cause)
         proctree.kill_tree(worker.pid, worker.pidfd)
         # A retiring one was replaced already; the standby is replaced as a standby.
-        owned_slot = worker is self.standby or self.slots[worker.slot] is worker
+        owned_slot = worker is self.standby or self._owns_slot(worker)
         self._detach(worker, WorkerState.KILLED)
         # A cancel's kill is a page's everyday business (a record change): DEBUG.
         log.log(
@@ -734,7 +955,7 @@ class WorkerPool:
             self._idle.remove(worker)
         if worker is self.standby:
             self.standby = None
-        elif self.slots[worker.slot] is worker:
+        elif self._owns_slot(worker):
             self.slots[worker.slot] = None
         self._others.add(worker)
         self._close_job_pipe(worker)
@@ -768,10 +989,17 @@ class WorkerPool:
             retire_worker_handler(worker.log_handler)
         previous = worker.state
         task = worker.task
+        owned = worker is self.standby or self._owns_slot(worker)
         self._detach(worker, WorkerState.DEAD)
         self._others.discard(worker)
         self._reaped.set()
         self._reap_orphans_later()  # what the worker started is ours now (subreaper)
+        if previous is WorkerState.DUMPING and owned and not self._stopping:
+            # Died while its stack was being taken (the timeout's kill never came): the
+            # timeout still ends its task; the slot needs a worker.
+            self._ended("timeout")
+            self.replace(worker.slot)
+            return
         if previous in _ENDED_BY_US or self._stopping:
             return
         how = describe_exit(code)
@@ -815,10 +1043,14 @@ class WorkerPool:
         self.loop.call_later(delay, self._respawn_if_empty, worker.slot)
 
     def _respawn_if_empty(self, slot: int) -> None:
-        if self._stopping:
+        if self._stopping or slot >= len(self.slots):
             return
         if (self.standby if slot == STANDBY else self.slots[slot]) is None:
             self._spawn(slot)
+
+    def _owns_slot(self, worker: Worker) -> bool:
+        slot = worker.slot
+        return 0 <= slot < len(self.slots) and self.slots[slot] is worker
 
     def _reap_orphans_later(self) -> None:
         def reap(attempt: int) -> None:

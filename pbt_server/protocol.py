@@ -31,6 +31,7 @@ enqueue     page: id, codeunit: id, parameters: any, timeout: int|nil, level: te
 cancel      task: id
 ping        -
 status      -
+reload      -
 =========== =============================================================================
 
 .. replies (generated)
@@ -46,6 +47,7 @@ enqueue     task: id, timeout: id
 cancel      cancelled: bool
 ping        -
 status      server: map, totals: map, sessions: [map], workers: [map]
+reload      codeunits: [id], restart: [text], seconds: map
 =========== =============================================================================
 
 Events (broker -> client, no ``rid``): exactly one of ``completed``, ``failed`` or
@@ -84,6 +86,8 @@ started     from worker    gen: id, job: id
 done        from worker    gen: id, job: id, results: {text: text}, leftovers?: [text]
 failed      from worker    gen: id, job: id, code: text, text: long text,
                            stack: long text, leftovers?: [text]
+tried       from trial     gen: id, codeunits: [id], files: [text]
+boot_failed from trial     gen: id, text: long text
 =========== ============== ==============================================================
 
 ``job`` is unique across the broker's life and ``gen`` names the worker incarnation, so a
@@ -490,11 +494,18 @@ class Status(TypedDict):
     rid: Id
 
 
-Request = Union[Hello, OpenPage, SetRecord, ClosePage, Enqueue, Cancel, Ping, Status]  # noqa: UP007
+class Reload(TypedDict):
+    """An operator's: re-read server.ini and import the codeunit modules afresh."""
+
+    op: Literal["reload"]
+    rid: Id
+
+
+Request = Union[Hello, OpenPage, SetRecord, ClosePage, Enqueue, Cancel, Ping, Status, Reload]  # noqa: UP007
 REQUESTS: Final = Channel[Request](
-    "request", Hello, OpenPage, SetRecord, ClosePage, Enqueue, Cancel, Ping, Status
+    "request", Hello, OpenPage, SetRecord, ClosePage, Enqueue, Cancel, Ping, Status, Reload
 )
-OPERATOR_OPS: Final = frozenset({"hello", "ping", "status"})
+OPERATOR_OPS: Final = frozenset({"hello", "ping", "status", "reload"})
 
 
 # --- broker -> client: replies (by the request's op), events ------------------------------
@@ -547,6 +558,14 @@ class StatusReply(TypedDict):
     workers: Maps
 
 
+class ReloadReply(TypedDict):
+    op: Literal["reply"]
+    rid: Id
+    codeunits: Ids  # registered by the new code
+    restart: Texts  # changed keys a reload cannot apply: "[Section] Key"
+    seconds: Map  # {"trial": s, "total": s}: importing in the trial process, the whole reload
+
+
 REPLIES: Final[dict[str, _Shape]] = {
     "hello": _shape(HelloReply),
     "open_page": _shape(OpenPageReply),
@@ -556,6 +575,7 @@ REPLIES: Final[dict[str, _Shape]] = {
     "cancel": _shape(CancelReply),
     "ping": _shape(EmptyReply),
     "status": _shape(StatusReply),
+    "reload": _shape(ReloadReply),
 }
 
 
@@ -659,12 +679,23 @@ class TaskFailure(TypedDict):
     leftovers: NotRequired[Texts]
 
 
+class Tried(TypedDict):
+    """The reload's trial process imported the new code and opened the database."""
+
+    op: Literal["tried"]
+    gen: Id
+    codeunits: Ids
+    files: Texts  # the imported modules' source files (what ``run --reload`` watches)
+
+
 ToWorker = Run
 FromWorker = Union[Ready, BootFailure, Started, Done, TaskFailure]  # noqa: UP007
 FROM_WORKER: Final = Channel[FromWorker](
     "worker message", Ready, BootFailure, Started, Done, TaskFailure
 )
 TO_WORKER: Final = Channel[ToWorker]("job", Run)
+FromTrial = Union[Tried, BootFailure]  # noqa: UP007
+FROM_TRIAL: Final = Channel[FromTrial]("trial message", Tried, BootFailure)
 
 PIPE_BUFFER: Final = 64 << 20  # what a worker buffers of the broker's jobs, at most
 
@@ -731,6 +762,7 @@ def describe() -> dict[str, str]:
     events = [(op, _fields_text(shape, rid=True)) for op, shape in EVENTS.shapes.items()]
     pipe = [(op, "to worker", _fields_text(s)) for op, s in TO_WORKER.shapes.items()]
     pipe += [(op, "from worker", _fields_text(s)) for op, s in FROM_WORKER.shapes.items()]
+    pipe += [(op, "from trial", _fields_text(s)) for op, s in FROM_TRIAL.shapes.items()]
     return {
         "requests": _table(("request", "fields"), requests, wide),
         "replies": _table(("reply to", "fields"), replies, wide),

@@ -2,8 +2,9 @@
 
 A connection owns its transport and its frame decoder and nothing else: every request is
 validated against its declaration and handed to the broker's ``handle_request``, whose answer
-(a reply map, or a :class:`PbtError`) goes back with the request's ``rid``. A frame that breaks
-the protocol gets an ``error`` frame and closes this connection only.
+(a reply map, or a :class:`PbtError`) goes back with the request's ``rid``; an answer that
+takes time (a reload) is a future, answered when it is done, while the connection goes on.
+A frame that breaks the protocol gets an ``error`` frame and closes this connection only.
 
 Admission. A connection that has not said ``hello`` has proved nothing, so it takes none of
 the capacity of sessions: it gets a place in a small budget of its own (per listener, and per
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import resource
@@ -32,7 +34,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol, cast
@@ -64,8 +66,11 @@ LISTEN_BACKLOG: Final = 1024
 log = logging.getLogger(__name__)
 
 
+Answer = Message | asyncio.Future[Message]  # a reply now, or one that comes later
+
+
 class RequestHandler(Protocol):
-    def handle_request(self, connection: ClientConnection, request: Request) -> Message: ...
+    def handle_request(self, connection: ClientConnection, request: Request) -> Answer: ...
     def connection_lost(self, connection: ClientConnection) -> None: ...
 
 
@@ -75,32 +80,44 @@ class Gate:
 
     per_listener: int = PENDING_PER_LISTENER
     per_peer: int = PENDING_PER_PEER
-    pending: Counter[str] = field(default_factory=Counter)  # by listener ("unix", "tcp")
-    peers: Counter[str] = field(default_factory=Counter)  # TCP peer host -> pending
+    # by listener ("unix", "tcp"): each waiting connection with its peer, oldest first
+    pending: dict[str, dict[Hashable, str | None]] = field(default_factory=dict)
+    peers: Counter[str] = field(default_factory=Counter)  # TCP peer (IPv6: its /64) -> pending
 
-    def admit(self, listener: str, peer: str | None) -> str | None:
-        """Take a place; return why there is none, or None.
+    def admit(
+        self, listener: str, peer: str | None, who: Hashable
+    ) -> tuple[str | None, Hashable | None]:
+        """Take a place for ``who``; return ``(why there is none, None)`` or ``(None, the
+        waiting connection it displaced, or None)``.
 
         A burst from one address (a proxy in front of the broker, a web bridge opening
-        sessions for many tabs) may use half the budget; beyond that, one peer may hold only
-        ``per_peer`` places, so a single source cannot take the rest from everyone else.
+        sessions for many tabs) may use half the places; beyond that, one peer may hold only
+        ``per_peer``. When every place is taken, the newcomer displaces the connection that
+        has waited longest (as sshd's MaxStartups drops): silent connections from many
+        addresses cannot keep out a client that says hello at once.
         """
-        pending = self.pending[listener]
-        if pending >= self.per_listener:
-            return f"{self.per_listener} connections on {listener} have not said hello yet"
+        waiting = self.pending.setdefault(listener, {})
         if (
             peer is not None
-            and pending >= self.per_listener // 2
+            and len(waiting) >= self.per_listener // 2
             and self.peers[peer] >= self.per_peer
         ):
-            return f"{self.peers[peer]} connections from {peer} have not said hello yet"
-        self.pending[listener] += 1
+            return f"{self.peers[peer]} connections from {peer} have not said hello yet", None
+        displaced = None
+        if len(waiting) >= self.per_listener:
+            displaced = next(iter(waiting))
+            self.leave(listener, displaced)
+        waiting[who] = peer
         if peer is not None:
             self.peers[peer] += 1
-        return None
+        return None, displaced
 
-    def leave(self, listener: str, peer: str | None) -> None:
-        self.pending[listener] -= 1
+    def leave(self, listener: str, who: Hashable) -> None:
+        """``who`` said hello or went away (a second call does nothing)."""
+        waiting = self.pending.get(listener, {})
+        if who not in waiting:
+            return
+        peer = waiting.pop(who)
         if peer is not None:
             self.peers[peer] -= 1
             if not self.peers[peer]:
@@ -128,8 +145,7 @@ class ClientConnection(asyncio.Protocol):
         self.operator = False  # set by the broker on an operator's hello
         self.peer = ""
         self._gate = gate
-        self._gated = False  # holds a place in the gate (until hello or close)
-        self._peer_host: str | None = None
+        self._peer_host: str | None = None  # TCP: the peer's address (IPv6: its /64)
         self._budget = budget
         self._reserved = 0  # bytes of the memory budget held for a partial frame
         self._connections = connections
@@ -154,15 +170,19 @@ class ClientConnection(asyncio.Protocol):
         if self.tcp:
             tune_accepted(transport)
         if self.tcp and peer:
-            self._peer_host = str(peer[0])
+            self._peer_host = peer_key(str(peer[0]))
             self.peer = f"{peer[0]}:{peer[1]}"
         else:
             self.peer = "unix"
-        refused = self._gate.admit("tcp" if self.tcp else "unix", self._peer_host)
+        refused, displaced = self._gate.admit(self._listener, self._peer_host, self)
         if refused is not None:
             self.fail(ServerBusy(f"the server is busy: {refused}"), quiet=True)
             return
-        self._gated = True
+        if isinstance(displaced, ClientConnection):
+            displaced.fail(
+                ServerBusy("the server is busy: displaced by a newer connection before hello"),
+                quiet=True,
+            )
         timeout = HELLO_TIMEOUT_TCP if self.tcp else HELLO_TIMEOUT_UNIX
         self._hello_timer = asyncio.get_running_loop().call_later(timeout, self._hello_expired)
 
@@ -214,23 +234,46 @@ class ClientConnection(asyncio.Protocol):
             log.exception("request %r failed (session %d)", raw.get("op"), self.session_id)
             self.fail(InternalError("internal server error; see the server log"), rid)
             return
+        if isinstance(reply, asyncio.Future):
+            reply.add_done_callback(lambda done: self._answer_later(request, done))
+            return
         if request["op"] == "hello":
             self._identified()
         reply["op"] = "reply"
         reply["rid"] = request["rid"]
         self.send(reply)
 
+    def _answer_later(self, request: Request, done: asyncio.Future[Message]) -> None:
+        rid = request["rid"]
+        if done.cancelled():
+            self.send({"op": "error", "rid": rid, "code": InternalError.code, "text": "cancelled"})
+            return
+        err = done.exception()
+        if isinstance(err, PbtError):
+            self.send({"op": "error", "rid": rid, "code": err.code, "text": err.text})
+        elif err is not None:
+            log.error("request %r failed", request["op"], exc_info=err)
+            text = "internal server error; see the server log"
+            self.send({"op": "error", "rid": rid, "code": InternalError.code, "text": text})
+        else:
+            reply = done.result()
+            reply["op"] = "reply"
+            reply["rid"] = rid
+            self.send(reply)
+
     def _identified(self) -> None:
         self.decoder.max_frame = self.max_frame
         self._leave_gate()
+
+    @property
+    def _listener(self) -> str:
+        return "tcp" if self.tcp else "unix"
 
     def _leave_gate(self) -> None:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        if self._gated:
-            self._gated = False
-            self._gate.leave("tcp" if self.tcp else "unix", self._peer_host)
+        self._gate.leave(self._listener, self)
 
     def send(self, message: Mapping[str, object]) -> None:
         if self.open:
@@ -380,6 +423,17 @@ class Listeners:
                     await server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.section.socket_path.unlink()
+
+
+def peer_key(host: str) -> str:
+    """What the gate counts a TCP peer by: its address, or for IPv6 its /64 (one host
+    commonly holds a whole /64, so single addresses would give it places without end)."""
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    except ValueError:
+        return host
 
 
 def tune_accepted(transport: asyncio.BaseTransport) -> None:

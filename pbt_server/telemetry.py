@@ -62,8 +62,9 @@ OUTCOME_OF: Final[Mapping[str, str]] = {
 }
 # Why a worker ended: killed by the broker (timeout, cancel, memory, no_ack, protocol),
 # retired after its task (recycle: MaxTasksPerWorker; leftovers: the task left a thread, a
-# process or a changed setting behind), or lost (crash: it died by itself; boot_failure:
-# it died before it was ready). A server that is stopping counts none.
+# process or a changed setting behind; reload: it ran the code or settings a reload
+# replaced, or its slot went with a smaller Workers.Count), or lost (crash: it died by
+# itself; boot_failure: it died before it was ready). A server that is stopping counts none.
 KILL_CAUSES: Final = (
     "timeout",
     "cancel",
@@ -73,6 +74,7 @@ KILL_CAUSES: Final = (
     "crash",
     "recycle",
     "leftovers",
+    "reload",
     "boot_failure",
 )
 HISTORY_SECONDS: Final = 600  # per-second outcome counts kept for the dashboard

@@ -65,6 +65,7 @@ class BrokerProcess:
     log: Path
     env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     nofile: int | None = None  # the broker's open-file limit, if not inherited
+    run_args: tuple[str, ...] = ()  # more arguments of `run` (--reload)
     process: subprocess.Popen[bytes] | None = None
     seen_workers: set[int] = field(default_factory=set)
     RUNNER: ClassVar[tuple[str, ...]] = ("-m", "pbt_server")  # python's arguments before `run`
@@ -76,6 +77,7 @@ class BrokerProcess:
         *,
         env: Mapping[str, str] | None = None,
         nofile: int | None = None,
+        run_args: tuple[str, ...] = (),
     ) -> BrokerProcess:
         """Start a broker on a fresh directory and database; ``env`` adds variables to the
         environment it (and every process it starts) inherits."""
@@ -99,6 +101,7 @@ class BrokerProcess:
             Path(merged["Server"]["LogFile"]),
             dict(env or {}),
             nofile,
+            run_args,
         )
         try:
             broker.launch()
@@ -110,7 +113,7 @@ class BrokerProcess:
     def launch(self) -> None:
         with open(self.directory / "stderr.txt", "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, *self.RUNNER, "run", "--config", str(self.config)],
+                [sys.executable, *self.RUNNER, "run", "--config", str(self.config), *self.run_args],
                 cwd=REPO,
                 env=dict(os.environ, **self.env) if self.env else None,
                 stdin=subprocess.DEVNULL,

@@ -7,6 +7,10 @@ Forked by the broker's pool (``multiprocessing`` fork context). Lifecycle::
     take the process baseline; "ready"
     loop: read "run" -> "started" -> codeunit(ctx) -> check leftovers -> "done" | "failed"
     EOF on the job pipe (the broker closed it) -> return normally, so log records flush
+
+A reload's trial process (:func:`run_trial`) runs the same prologue, imports the new code
+afresh, opens the database, says ``tried`` with the codeunits it found, and exits; only
+then does the broker import that code for the workers it forks next.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from pbt_server.codeunits import CHILD_SESSION_VARIABLE, ChildSession, lookup
+from pbt_server.codeunits import (
+    CHILD_SESSION_VARIABLE,
+    ChildSession,
+    lookup,
+    module_files,
+    registered,
+    reimport,
+)
 from pbt_server.config import DatabaseSection
 from pbt_server.errors import ChildSessionCode, CodeunitError, UnknownCodeunit
 from pbt_server.proctree import shared_fds
@@ -58,16 +69,16 @@ class WorkerSpec:
     instance: str = ""  # names this broker run; processes below a worker carry it
     stack_w: int = -1  # where a stack dump goes when the broker asks (its task timed out)
     database_required: bool = True  # the first workers fail to boot without their database
+    # A reload's trial: the [Codeunits] Modules to import afresh, and the module prefixes
+    # whose copies inherited from the broker (the old code) are forgotten first.
+    modules: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
 
 
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a forked worker process."""
     _prologue(spec)
-    try:
-        db = open_database(spec.database, required=spec.database_required)
-    except DatabaseUnavailable as err:
-        _write(spec.res_w, {"op": "boot_failed", "gen": spec.gen, "text": str(err)})
-        os._exit(EXIT_BOOT_FAILURE)
+    db = _boot(spec, required=spec.database_required)
     baseline = _watch_forks(spec)
     baseline.take()
     _write(spec.res_w, {"op": "ready", "gen": spec.gen, "pid": os.getpid()})
@@ -78,6 +89,29 @@ def run_worker(spec: WorkerSpec) -> None:
             _run_job(spec, db, baseline, message)
     # EOF: the broker retired us or is stopping. Returning (not os._exit) lets
     # multiprocessing join the logging queue's feeder thread, so our records arrive.
+
+
+def run_trial(spec: WorkerSpec) -> None:
+    """Entry point of a reload's trial process: import, open the database, report, exit."""
+    _prologue(spec)
+    _boot(spec, required=True)  # its connection closes when the process exits
+    ids = sorted(registered())
+    _write(spec.res_w, {"op": "tried", "gen": spec.gen, "codeunits": ids, "files": _files(spec)})
+
+
+def _files(spec: WorkerSpec) -> list[str]:
+    return [f for f in module_files(spec.prefixes) if len(f) <= MAX_TEXT]
+
+
+def _boot(spec: WorkerSpec, *, required: bool) -> Database:
+    """The new code (after a reload), then the database; on failure say why and exit."""
+    try:
+        if spec.modules:
+            reimport(spec.modules, spec.prefixes)
+        return open_database(spec.database, required=required)
+    except (ImportError, DatabaseUnavailable) as err:
+        _write(spec.res_w, {"op": "boot_failed", "gen": spec.gen, "text": str(err)})
+        os._exit(EXIT_BOOT_FAILURE)
 
 
 def _prologue(spec: WorkerSpec) -> None:
@@ -94,7 +128,7 @@ def _prologue(spec: WorkerSpec) -> None:
         logging.getLogger().handlers = [spec.log_handler]
     _close_inherited(spec.close_fds, spec.keep_fds)
     # Die with the broker, even if it is SIGKILLed: orphaned workers would hold pipes forever.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _die_with_parent()
     if os.getppid() != spec.broker_pid:
         os._exit(1)  # the broker died before prctl took effect
     # Own process group: the watchdog kills the whole tree with killpg. PermissionError: the
@@ -139,15 +173,26 @@ def _watch_forks(spec: WorkerSpec) -> Baseline:
     baseline = Baseline(ignore_thread=ignore)
 
     def in_child() -> None:
-        for fd in (spec.job_r, spec.res_w):
+        for fd in (spec.job_r, spec.res_w, spec.stack_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        # Die with the process that forked us, as the worker dies with the broker: a forked
+        # copy carries no child-session mark in /proc (that is the exec's environment), so
+        # the next start could not find it.
+        _die_with_parent()
 
     def in_parent() -> None:
         baseline.forked = True
 
     os.register_at_fork(after_in_child=in_child, after_in_parent=in_parent)
     return baseline
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_libc: Final = ctypes.CDLL(None, use_errno=True)
 
 
 def _close_inherited(fds: tuple[int, ...], keep_fds: frozenset[int]) -> None:
@@ -185,6 +230,12 @@ def _run_job(spec: WorkerSpec, db: Database, baseline: Baseline, job: Run) -> No
         reply = _call_codeunit(ctx)
     finally:
         _current.clear()
+    if spec.stack_w >= 0:
+        # Again after every task (2 µs): a codeunit that reset the signal's handler (Python
+        # cannot see faulthandler's) would otherwise make the next dump end the worker.
+        # Only a fresh registration installs the handler again.
+        faulthandler.unregister(STACK_SIGNAL)
+        faulthandler.register(STACK_SIGNAL, file=spec.stack_w, all_threads=True)
     leftovers = baseline.leftovers()
     if leftovers:
         reply["leftovers"] = leftovers

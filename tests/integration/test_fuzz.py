@@ -67,7 +67,7 @@ SCALE: Final = float(os.environ.get("PBT_FUZZ_SCALE", "1"))
 INT64_MAX: Final = (1 << 63) - 1
 
 KNOWN_CODES: Final = known_codes()  # every code the server may send
-FATAL: Final = frozenset({"ProtocolError", "AuthenticationFailed"})
+FATAL: Final = frozenset({"ProtocolError", "AuthenticationFailed", "NotAllowed"})
 ANSWER_OPS: Final = frozenset({"reply", "error"})
 EVENT_OPS: Final = frozenset({"completed", "failed", "cancelled", "shutdown"})
 SENTINEL_RID: Final = 987_654_321

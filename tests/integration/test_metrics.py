@@ -143,6 +143,7 @@ def test_the_scrape_adds_up_to_a_known_mix_of_outcomes(metrics_broker: BrokerPro
             "crash": 1,
             "recycle": 0,
             "leftovers": 0,
+            "reload": 0,
             "boot_failure": 0,
         }
         assert scrape.value(samples, "pbt_sessions") == 1

@@ -108,6 +108,7 @@ def test_defaults(tmp_path: Path) -> None:
             max_message_bytes=65536,
         ),
         source=None,
+        base_dir=tmp_path,
     )
 
 
@@ -429,7 +430,7 @@ def test_default_section_is_unknown_not_merged(tmp_path: Path) -> None:
 def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
     text = config_error(tmp_path, "[Workers]\nCuont = 4\n")
     assert text == (
-        f"{tmp_path / 'server.ini'}: [Workers] Cuont = '4': unknown key"
+        f"{tmp_path / 'server.ini'}: [Workers] Cuont: unknown key"
         " (known: Count, MaxTasksPerWorker, MaxMemoryMB, AckTimeout)"
     )
 
@@ -511,7 +512,7 @@ def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
 def test_unknown_env_key_in_known_section(tmp_path: Path) -> None:
     text = config_error(tmp_path, "", {"PBT_WORKERS_MAX_MEMORY_MB": "5"})
     assert text == (
-        "PBT_WORKERS_MAX_MEMORY_MB: [Workers] MAX_MEMORY_MB = '5': unknown key"
+        "PBT_WORKERS_MAX_MEMORY_MB: [Workers] MAX_MEMORY_MB: unknown key"
         " (known: Count, MaxTasksPerWorker, MaxMemoryMB, AckTimeout)"
     )
 
