@@ -1,21 +1,26 @@
 """The broker's memory budget (``[Server] MaxBufferedMB``), shared by connections and queues.
 
-Two things let a client make the broker hold memory it did not choose to spend: a frame whose
-header has arrived but whose body has not (the broker buffers it), and the parameters of tasks
-waiting in a queue. Both take from one budget before they are allowed to grow; when it is
-spent, new work is refused with a clear code instead of the broker growing until the OOM
-killer ends it and every session with it.
+What a client can make the broker hold: a frame whose header has arrived but whose body has
+not (the broker buffers it), the parameters of tasks waiting in a queue, its pages' names and
+record ids, and its session's context. Each takes from one budget before it is allowed to
+grow; when it is spent, new work is refused with a clear code (``ServerMemoryBudget``)
+instead of the broker growing until the OOM killer ends it and every session with it. Sizes
+are Python's own (``sys.getsizeof``: a text of 4-byte characters counts four bytes a
+character). Not counted: the events a client does not read (its transport stops reading its
+requests at 4 MiB instead), and what the broker needs per connection.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Final
 
-# Python's cost of a dict[str, str] beyond its characters: the dict, and per entry two str
-# objects and a slot. An estimate, but a stable one: it is the order of magnitude that counts.
+# Python's cost of a dict[str, str] beyond its strings: the dict, and a slot per entry; and
+# of a page beyond its two strings. Estimates, but stable ones: the order of magnitude counts.
 _MAP_OVERHEAD: Final = 240
-_ENTRY_OVERHEAD: Final = 160
+_ENTRY_OVERHEAD: Final = 64
+_PAGE_OVERHEAD: Final = 200
 
 
 class Budget:
@@ -39,5 +44,11 @@ class Budget:
 
 
 def map_size(parameters: Mapping[str, str]) -> int:
-    """The memory a task's parameters hold while it waits, estimated."""
-    return _MAP_OVERHEAD + sum(len(k) + len(v) + _ENTRY_OVERHEAD for k, v in parameters.items())
+    """The memory a map of texts holds (a task's parameters, a session's context)."""
+    size = sys.getsizeof
+    return _MAP_OVERHEAD + sum(size(k) + size(v) + _ENTRY_OVERHEAD for k, v in parameters.items())
+
+
+def page_size(name: str, record: str) -> int:
+    """The memory an open page holds, estimated."""
+    return _PAGE_OVERHEAD + sys.getsizeof(name) + sys.getsizeof(record)

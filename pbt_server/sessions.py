@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 
-from pbt_server.budget import Budget, map_size
+from pbt_server.budget import Budget, map_size, page_size
 from pbt_server.config import AsyncProcessingSection
 from pbt_server.errors import (
     CancelReason,
@@ -93,6 +93,7 @@ class Page:
     record: str
     closed: bool = False
     tasks: dict[int, Task] = field(default_factory=dict)  # active tasks only
+    size: int = 0  # its share of the memory budget while it is open
 
 
 @dataclass(eq=False, slots=True)
@@ -110,6 +111,7 @@ class Session:
     last_page_id: int = 0
     closed: bool = False
     in_ready: bool = False
+    size: int = 0  # its context's share of the memory budget
 
 
 class Scheduler:
@@ -136,8 +138,15 @@ class Scheduler:
     # --- sessions and pages ---------------------------------------------------------------
 
     def open_session(self, context: dict[str, str] | None = None) -> Session:
+        """A new parent session.
+
+        Raises:
+            MemoryBudgetExceeded: its context does not fit in the memory budget.
+        """
+        copied = dict(context or {})
+        size = self._take(map_size(copied), "a session's context")
         self._last_session_id += 1
-        session = Session(self._last_session_id, dict(context or {}))
+        session = Session(self._last_session_id, copied, size=size)
         self.sessions[session.id] = session
         return session
 
@@ -149,13 +158,16 @@ class Scheduler:
         session.queue.clear()
         for page in session.pages.values():
             page.closed = True
+            self._give(page.size)
+        self._give(session.size)
         return cancelled
 
     def open_page(self, session: Session, name: str, record: str) -> Page:
         if len(session.pages) >= MAX_PAGES:
             raise TooManyPages(f"session {session.id} already has {MAX_PAGES} pages open")
+        size = self._take(page_size(name, record), "a page")
         session.last_page_id += 1
-        page = Page(session.last_page_id, name, record)
+        page = Page(session.last_page_id, name, record, size=size)
         session.pages[page.id] = page
         return page
 
@@ -164,6 +176,12 @@ class Scheduler:
         page = self._page(session, page_id)
         if page.closed:
             raise PageClosed(f"page {page_id} is closed")
+        size = page_size(page.name, record)
+        if self.budget is not None:
+            # Never refused (the client has moved already): a longer record id may take the
+            # budget over its limit, and the next page or task is refused instead.
+            self.budget.used += size - page.size
+        page.size = size
         page.record = record
         stale = [task for task in page.tasks.values() if task.record != record]
         return self._cancel_all(stale, CancelReason.RECORD_CHANGED)
@@ -174,6 +192,7 @@ class Scheduler:
             return []
         page.closed = True
         del session.pages[page_id]
+        self._give(page.size)
         return self._cancel_all(list(page.tasks.values()), CancelReason.PAGE_CLOSED)
 
     def _page(self, session: Session, page_id: int) -> Page:
@@ -216,12 +235,7 @@ class Scheduler:
                 f"session {session.id} already has {session.waiting} tasks waiting "
                 f"(ChildSessionsMaxQueueLength = {limit})"
             )
-        size = map_size(checked)
-        if self.budget is not None and not self.budget.take(size):
-            raise MemoryBudgetExceeded(
-                f"the server's memory budget for waiting work is spent ({self.budget.used} of"
-                f" {self.budget.limit} bytes, MaxBufferedMB); try again when tasks have ended"
-            )
+        size = self._take(map_size(checked), "a waiting task")
         session.last_task_id += 1
         self._last_job += 1
         task = Task(
@@ -327,8 +341,25 @@ class Scheduler:
     def _forget(self, task: Task) -> None:
         del task.session.tasks[task.id]
         del task.page.tasks[task.id]
+        self._give(task.size)
+
+    def _take(self, size: int, what: str) -> int:
+        """Reserve ``size`` bytes for ``what``; return ``size``.
+
+        Raises:
+            MemoryBudgetExceeded: the budget has no room for it.
+        """
+        budget = self.budget
+        if budget is not None and not budget.take(size):
+            raise MemoryBudgetExceeded(
+                f"the server's memory budget is spent ({budget.used} of {budget.limit} bytes,"
+                f" MaxBufferedMB): no room for {what}; try again when tasks have ended"
+            )
+        return size
+
+    def _give(self, size: int) -> None:
         if self.budget is not None:
-            self.budget.give(task.size)
+            self.budget.give(size)
 
     def _pop_waiting(self, session: Session) -> Task | None:
         queue = session.queue

@@ -215,6 +215,8 @@ DB_TWICE = 28
 DB_SLOW = 29
 ADVISORY = 30
 WAIT_FILE = 31
+RESET_DUMP_SIGNAL = 32
+FORK_DAEMON = 33
 
 
 def _worker_spec() -> Any:
@@ -243,6 +245,17 @@ def forge(ctx: ChildSession) -> dict[str, str]:
         return {}
     elif kind == "other-job":
         forged = {"op": "done", "gen": spec.gen, "job": job + 1000, "results": {}}
+    elif kind == "next-job":
+        # Its own end, then words for the job the broker would hand this worker next (once
+        # the file ``go`` exists: another session's task waits by then).
+        while not os.path.exists(ctx.parameters["go"]):
+            time.sleep(0.005)
+        own = {"op": "done", "gen": spec.gen, "job": job, "results": {"forged": "own"}}
+        started = {"op": "started", "gen": spec.gen, "job": job + 1}
+        theirs = {"op": "done", "gen": spec.gen, "job": job + 1, "results": {"forged": "yes"}}
+        os.write(spec.res_w, b"".join(msgpack.packb(m) for m in (own, started, theirs)))
+        time.sleep(5)
+        return {}
     elif kind == "huge-results":
         forged = {"op": "done", "gen": spec.gen, "job": job, "results": {"x": "y" * (4 << 20)}}
     else:
@@ -385,3 +398,32 @@ def wait_file(ctx: ChildSession) -> dict[str, str]:
     while not os.path.exists(ctx.parameters["go"]) and time.monotonic() < deadline:
         time.sleep(0.005)
     return {"pid": str(os.getpid())}
+
+
+@codeunit(RESET_DUMP_SIGNAL, name="ResetDumpSignal")
+def reset_dump_signal(ctx: ChildSession) -> dict[str, str]:
+    """Put the stack-dump signal back to its default action (which ends the process), then
+    spin until the timeout if asked to."""
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    if ctx.parameters.get("spin"):
+        while True:
+            pass
+    return {"pid": str(os.getpid())}
+
+
+@codeunit(FORK_DAEMON, name="ForkDaemon")
+def fork_daemon(ctx: ChildSession) -> dict[str, str]:
+    """os.fork a child that leaves the session and sleeps; write both pids to ``pidfile``,
+    then wait to be killed."""
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        time.sleep(60)
+        os._exit(0)
+    path = ctx.parameters["pidfile"]
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child}")
+    os.rename(path + ".tmp", path)
+    time.sleep(60)
+    return {}

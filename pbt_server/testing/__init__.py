@@ -131,7 +131,11 @@ def _run_in_a_worker(job: Run, database: DatabaseSection, seconds: float) -> dic
             return messages.next(seconds)
         except TimeoutError:
             assert process.pid is not None
-            proctree.kill_tree(process.pid, os.pidfd_open(process.pid))
+            pidfd = os.pidfd_open(process.pid)
+            try:
+                proctree.kill_tree(process.pid, pidfd)
+            finally:
+                os.close(pidfd)
             raise BackgroundTaskError(
                 TASK_TIMEOUT_TEXT, code=ChildSessionCode.TASK_TIMEOUT, task_id=1
             ) from None

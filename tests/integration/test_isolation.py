@@ -124,3 +124,42 @@ def test_what_a_killed_broker_left_behind_is_killed_by_its_next_start(start_brok
     broker.launch()  # the same server again: the same pid file
     wait_until(lambda: not alive(child), timeout=20)
     assert "killed 1 process(es) a previous run left behind" in broker.log_text()
+
+
+def test_words_after_a_tasks_end_cannot_answer_for_the_next_task(start_broker, tmp_path):
+    """A worker's own ``done``, then ``started`` and ``done`` for the job it would be handed
+    next (another session's): the forger's task fails, the victim runs for real."""
+    broker = start_broker({"Workers": {"Count": "1"}})
+    with broker.connect() as session, broker.connect() as victim:
+        page = session.open_page("P")
+        go = tmp_path / "go"
+        forged = page.enqueue_background_task(
+            cu.FORGE, {"kind": "next-job", "go": str(go)}, timeout=60_000
+        )
+        wait_until(lambda: broker.status()["totals"]["running"] == 1)
+        innocent = victim.open_page("Q").enqueue_background_task(cu.ECHO, {"real": "yes"})
+        go.touch()
+        error = forged.exception(timeout=20)
+        assert isinstance(error, BackgroundTaskError), error
+        assert error.code == "ChildSessionCrashed"
+        assert "wrote more after its 'done'" in error.text
+        assert innocent.result(timeout=20) == {"real": "yes"}
+
+
+def test_a_forked_copy_dies_with_its_worker_even_when_the_broker_is_killed(start_broker, tmp_path):
+    """A child made with os.fork carries no child-session mark the next start could find
+    (/proc shows the environment of an exec), so it dies with the worker that forked it."""
+    broker = start_broker({"Workers": {"Count": "1"}})
+    pidfile = tmp_path / "forked.pid"
+    with broker.connect() as session:
+        page = session.open_page("P")
+        task = page.enqueue_background_task(cu.FORK_DAEMON, {"pidfile": str(pidfile)})
+        wait_until(pidfile.exists)
+        worker, child = (int(pid) for pid in pidfile.read_text().split())
+        assert alive(child)
+        os.kill(broker.pid, signal.SIGKILL)
+        assert broker.process is not None
+        broker.process.wait()
+        wait_until(lambda: not alive(worker), timeout=20)
+        wait_until(lambda: not alive(child), timeout=20)
+        task.exception(timeout=20)

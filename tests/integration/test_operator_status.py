@@ -112,3 +112,33 @@ def test_health_fails_when_nothing_answers(start_broker) -> None:
     result = cli(broker, "health")
     assert result.returncode == 1
     assert result.stdout.startswith(f"unhealthy: no answer on {broker.socket}")
+
+
+def test_status_and_health_answer_when_the_report_outgrows_a_sessions_frame(
+    start_broker,
+) -> None:
+    """300 sessions with 4 KB of context each: a report over the 1 MiB a session's frame
+    holds still reaches the operator."""
+    import asyncio
+
+    from pbt_server.client import aio
+
+    broker = start_broker()
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], ...]:
+        context = {"blob": "x" * 4000}
+        sessions = [await aio.connect(str(broker.socket), context=context) for _ in range(300)]
+        try:
+            status = await asyncio.to_thread(cli, broker, "status", "--json")
+            health = await asyncio.to_thread(cli, broker, "health")
+            return status, health
+        finally:
+            for session in sessions:
+                await session.close()
+
+    status, health = asyncio.run(scenario())
+    assert status.returncode == 0, status.stdout + status.stderr
+    report = json.loads(status.stdout)
+    assert len(report["sessions"]) == 300
+    assert len(status.stdout) > 1 << 20
+    assert health.returncode == 0, health.stdout

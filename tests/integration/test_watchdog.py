@@ -207,3 +207,29 @@ def test_a_worker_that_cannot_dump_its_stack_is_killed_all_the_same(broker, tmp_
     assert error is not None
     assert error.code == "ChildSessionTaskTimeout"
     assert "no stack: the worker did not answer SIGUSR2" in error.call_stack
+
+
+def test_a_worker_whose_dump_signal_ends_it_is_replaced(start_broker):
+    """A codeunit reset the stack-dump signal to its default, so the dump before the timeout
+    kill ends the worker by itself: the task still times out and the slot gets a worker."""
+    broker = start_broker({"Workers": {"Count": "1"}})
+    with broker.connect() as session:
+        page = session.open_page("P")
+        stuck = page.enqueue_background_task(cu.RESET_DUMP_SIGNAL, {"spin": "1"}, timeout=300)
+        error = stuck.exception(timeout=20)
+        assert isinstance(error, BackgroundTaskError)
+        assert error.code == "ChildSessionTaskTimeout"
+        assert page.enqueue_background_task(cu.ECHO, {"a": "b"}).result(timeout=20) == {"a": "b"}
+
+
+def test_the_stack_dump_survives_a_task_that_reset_its_signal(start_broker):
+    broker = start_broker({"Workers": {"Count": "1"}})
+    with broker.connect() as session:
+        page = session.open_page("P")
+        first = page.enqueue_background_task(cu.RESET_DUMP_SIGNAL).result(timeout=20)
+        stuck = page.enqueue_background_task(cu.SPIN, timeout=300)
+        error = stuck.exception(timeout=20)
+        assert isinstance(error, BackgroundTaskError)
+        assert error.code == "ChildSessionTaskTimeout"
+        assert "in spin" in error.call_stack, error.call_stack
+        assert first["pid"]  # the same worker ran both: the first left nothing Python sees

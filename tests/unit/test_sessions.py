@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pbt_server.budget import Budget, map_size
+from pbt_server.budget import Budget, map_size, page_size
 from pbt_server.config import AsyncProcessingSection
 from pbt_server.errors import (
     InvalidParameters,
@@ -253,7 +253,7 @@ def test_a_task_that_had_started_is_never_requeued():
 
 def test_waiting_parameters_take_from_the_memory_budget_until_the_task_ends():
     small = {"k": "v" * 100}
-    budget = Budget(limit=2 * map_size(small) + 10)
+    budget = Budget(limit=2 * map_size(small) + map_size({}) + page_size("P", "") + 10)
     s = make(budget=budget)
     session = s.open_session()
     s.open_page(session, "P", "")
@@ -297,3 +297,24 @@ def test_tally_summarises_outcomes_by_kind_and_code():
         tally.add(kind, code)
     assert tally.take() == "3 completed, 1 failed (ValueError 1), 1 cancelled (RecordChanged 1)"
     assert tally.take() == ""
+
+
+def test_pages_and_contexts_take_from_the_memory_budget_until_they_close():
+    budget = Budget(limit=50_000)
+    s = make(budget=budget)
+    session = s.open_session({"user": "x" * 10_000})
+    taken = budget.used
+    assert taken > 10_000
+    page = s.open_page(session, "P" * 4000, "R" * 4000)
+    # A text of 4-byte characters counts as what it holds, not as its length.
+    wide = s.open_page(session, "\U0001f600" * 4000, "")
+    assert budget.used - taken > 8000 + 16_000
+    with pytest.raises(MemoryBudgetExceeded, match="no room for a page"):
+        s.open_page(session, "Q" * 4000, "\U0001f600" * 4000)
+    s.close_page(session, wide.id)
+    s.set_record(session, page.id, "")  # a shorter record id gives back what it held
+    assert budget.used < taken + 4000 + 1000
+    with pytest.raises(MemoryBudgetExceeded, match="no room for a session's context"):
+        s.open_session({"big": "y" * 60_000})
+    s.close_session(session)
+    assert budget.used == 0
