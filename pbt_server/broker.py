@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Final
 
 from pbt_server import __version__, proctree, systemd
 from pbt_server.budget import Budget
-from pbt_server.codeunits import CHILD_SESSION_VARIABLE
+from pbt_server.codeunits import CHILD_SESSION_VARIABLE, Sharing
 from pbt_server.config import ServerConfig
 from pbt_server.errors import (
     TASK_TIMEOUT_TEXT,
@@ -147,7 +147,11 @@ class Broker:
         self.logs = logs
         self.budget = Budget(config.server.max_buffered_mb << 20)
         self.scheduler = Scheduler(
-            config.asynchronous_processing, image.codeunits, clock=loop.time, budget=self.budget
+            config.asynchronous_processing,
+            image.codeunits,
+            clock=loop.time,
+            budget=self.budget,
+            sharing=_sharing(image),
         )
         self.pool = WorkerPool(
             loop,
@@ -428,17 +432,25 @@ class Broker:
             connection.send(event)
 
     def _fail(self, task: Task, code: str, text: str, stack: str = "") -> None:
-        self.scheduler.finish(task, TaskState.FAILED)
-        self.tally.add("failed", code)
-        failed: Failed = {
-            "op": "failed",
-            "task": task.id,
-            "page": task.page.id,
-            "code": code,
-            "text": text,
-            "stack": stack,
-        }
-        self._send(task, failed)
+        for ended in self._end(task, TaskState.FAILED):
+            self.tally.add("failed", code)
+            failed: Failed = {
+                "op": "failed",
+                "task": ended.id,
+                "page": ended.page.id,
+                "code": code,
+                "text": text,
+                "stack": stack,
+            }
+            self._send(ended, failed)
+
+    def _end(self, task: Task, state: TaskState) -> list[Task]:
+        """End a task that ran (or was handed to a worker); return the pages' tasks that
+        end with it: itself, or a shared execution's attached tasks."""
+        if task.attached is None:
+            self.scheduler.finish(task, state)
+            return [task]
+        return self.scheduler.end_execution(task, state)
 
     def _cancel_tasks(self, tasks: list[Task], reason: str | None = None) -> list[int]:
         """Tell the pages, and end the tasks that were already running (no trigger runs)."""
@@ -480,8 +492,12 @@ class Broker:
                 f"task {first.id}" if len(tasks) == 1 else f"{len(tasks)} tasks",
                 code,
             )
-            if not self.stopping:
-                self._dispatch()
+        for execution in self.scheduler.take_abandoned():
+            # Nobody waits for this shared execution any more: it goes like a cancelled task.
+            if self.pool.worker_of(execution) is not None:
+                self._end_running(execution, End.CANCEL, "cancelled (nobody waits for it)")
+        if tasks and not self.stopping:
+            self._dispatch()
         return [task.id for task in tasks]
 
     def _end_running(self, task: Task, cause: End, text: str) -> None:
@@ -577,15 +593,15 @@ class Broker:
 
     def task_done(self, task: Task, results: dict[str, str]) -> None:
         self.watchdog.disarm(task)
-        self.scheduler.finish(task, TaskState.COMPLETED)
-        completed: Completed = {
-            "op": "completed",
-            "task": task.id,
-            "page": task.page.id,
-            "results": results,
-        }
-        self._send(task, completed)
-        self.tally.add("completed", "")
+        for ended in self._end(task, TaskState.COMPLETED):
+            completed: Completed = {
+                "op": "completed",
+                "task": ended.id,
+                "page": ended.page.id,
+                "results": results,
+            }
+            self._send(ended, completed)
+            self.tally.add("completed", "")
         # DEBUG, not INFO: a line per completed task halves throughput (the listener thread
         # competes for the GIL); INFO gets the periodic summary instead.
         if log.isEnabledFor(logging.DEBUG):
@@ -685,6 +701,7 @@ class Broker:
         server = config.server
         self.scheduler.limits = config.asynchronous_processing
         self.scheduler.codeunits = image.codeunits
+        self.scheduler.sharing = _sharing(image)
         self.watchdog.ack_timeout = config.workers.ack_timeout_ms / 1000
         self.watchdog.limit_bytes = config.workers.max_memory_mb << 20
         self.budget.limit = server.max_buffered_mb << 20
@@ -709,6 +726,10 @@ class Broker:
             metrics=self.operations.address_text if self.operations is not None else None,
             max_sessions=self.max_sessions,
         )
+
+
+def _sharing(image: WorkerImage) -> dict[int, Sharing]:
+    return {i: c.sharing for i, c in image.codeunits.items() if c.sharing is not None}
 
 
 def _fd_reserve(workers: int) -> int:

@@ -67,10 +67,28 @@ class ChildSession:
 
 
 @dataclass(frozen=True, slots=True)
+class Sharing:
+    """How the tasks of a ``shared`` codeunit share executions (and results).
+
+    Attributes:
+        per_context: the session's context is part of what makes two tasks identical (the
+            codeunit reads ``ctx.context``); otherwise the execution sees an empty context.
+        cache: a completed result serves later identical tasks while the data version
+            has not changed.
+        max_age: seconds a cached result serves at most, on top; None: no limit.
+    """
+
+    per_context: bool = False
+    cache: bool = False
+    max_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Codeunit:
     id: int
     name: str
     function: CodeunitFunction
+    sharing: Sharing | None = None  # None: every task runs on its own
 
     @property
     def qualname(self) -> str:
@@ -80,19 +98,43 @@ class Codeunit:
 _CODEUNITS: dict[int, Codeunit] = {}
 
 
-def codeunit(codeunit_id: int, *, name: str | None = None) -> Callable[[F], F]:
+def codeunit(
+    codeunit_id: int,
+    *,
+    name: str | None = None,
+    shared: bool = False,
+    per_context: bool = False,
+    cache: bool = False,
+    max_age: float | None = None,
+) -> Callable[[F], F]:
     """Register the decorated function as codeunit ``codeunit_id``.
 
     The function takes the child session (``ctx``) and returns a ``dict[str, str]`` or None.
 
+    Args:
+        shared: its result depends only on its parameters and the data: identical tasks
+            (same parameters) from any session attach to one execution while it waits or
+            runs, and each gets the same outcome.
+        per_context: with ``shared``: the session's context is part of what makes tasks
+            identical (for a codeunit that reads ``ctx.context``).
+        cache: with ``shared``: keep a completed result and serve it to later identical
+            tasks, without running anything, while the database has not changed.
+        max_age: with ``cache``: seconds a result serves at most, however still the data.
+
     Raises:
-        ValueError: the id is not a positive int, or another function already has it.
+        ValueError: the id is not a positive int, another function already has it, or the
+            sharing options contradict each other.
     """
     if type(codeunit_id) is not int or codeunit_id <= 0:
         raise ValueError(f"codeunit id must be a positive int, got {codeunit_id!r}")
+    if (per_context or cache) and not shared:
+        raise ValueError(f"codeunit {codeunit_id}: per_context and cache need shared=True")
+    if max_age is not None and (not cache or not max_age > 0):
+        raise ValueError(f"codeunit {codeunit_id}: max_age needs cache=True and a positive value")
+    sharing = Sharing(per_context, cache, max_age) if shared else None
 
     def register(function: F) -> F:
-        entry = Codeunit(codeunit_id, name or function.__name__, function)
+        entry = Codeunit(codeunit_id, name or function.__name__, function, sharing)
         known = _CODEUNITS.get(codeunit_id)
         if known is not None and known.qualname != entry.qualname:
             raise ValueError(

@@ -522,7 +522,7 @@ class WorkerPool:
             "session": task.session.id,
             "record": task.record,
             "timeout": task.timeout_ms,
-            "context": task.session.context,
+            "context": task.session.context if task.context is None else task.context,
         }
         self._send(worker, pack(run))
         return worker

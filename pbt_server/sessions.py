@@ -16,11 +16,23 @@ Scheduling:
 Cancelling a waiting task only marks it (O(1)); ``next_task`` skips marked tasks when it
 reaches them, so neither enqueue nor cancel depends on how many tasks wait.
 
+Shared executions (``@codeunit(..., shared=True)``). The page's task is ATTACHED to an
+*execution*: a task of its own in the scheduler's shared session (id 0, never listed), which
+the pool runs like any task. Identical tasks (same codeunit and parameters, and context for
+``per_context``) attach to the execution that waits or runs. Each attached task keeps its
+id, page, record and cancellation; it holds no worker, so its session counts it among its
+waiting tasks (``ChildSessionsMaxQueueLength``) and never against its concurrency. The
+execution's timeout is its first task's. When it ends, every attached task ends the same
+way (:meth:`Scheduler.end_execution`); when the last attached task is cancelled, so is the
+execution (:meth:`Scheduler.take_abandoned`: the broker kills its worker if it runs).
+
 Task states (every move happens in one method, named in a comment)::
 
     WAITING --next_task--> STARTING --started--> RUNNING --finish--> COMPLETED | FAILED
        |                      |                     |
        +-------- cancel / set_record / close_page / close_session ----> CANCELLED
+
+    ATTACHED --end_execution--> COMPLETED | FAILED;  --cancel...--> CANCELLED
 """
 
 from __future__ import annotations
@@ -28,10 +40,12 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from pbt_server.budget import Budget, map_size, page_size
+from pbt_server.codeunits import Sharing
 from pbt_server.config import AsyncProcessingSection
 from pbt_server.errors import (
     CancelReason,
@@ -53,13 +67,15 @@ class TaskState(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    ATTACHED = "attached"  # a page's task waiting for a shared execution's outcome
 
     @property
     def active(self) -> bool:
         return self in _ACTIVE
 
 
-_ACTIVE = frozenset({TaskState.WAITING, TaskState.STARTING, TaskState.RUNNING})
+_ACTIVE = frozenset({TaskState.WAITING, TaskState.STARTING, TaskState.RUNNING, TaskState.ATTACHED})
+SHARED_SESSION: Final = 0  # the id of the session that owns shared executions
 MAX_PAGES = 1024  # open pages per session: a real client has a few dozen; memory is bounded
 _LEVELS = frozenset(ErrorLevel)
 
@@ -81,6 +97,10 @@ class Task:
     started_at: float | None = None
     cancel_reason: str = ""
     requeued: bool = False  # put back once after its worker died before starting it
+    context: dict[str, str] | None = None  # an execution's own; None: its session's
+    execution: Task | None = None  # an attached task's shared execution
+    attached: list[Task] | None = None  # a shared execution's attached tasks
+    key: tuple[object, ...] | None = None  # what makes tasks identical to an execution
 
     def __repr__(self) -> str:
         return f"<Task s{self.session.id}/t{self.id} job={self.job} {self.state.value}>"
@@ -112,6 +132,7 @@ class Session:
     closed: bool = False
     in_ready: bool = False
     size: int = 0  # its context's share of the memory budget
+    unlimited: bool = False  # the shared session: as many running as there are workers
 
 
 class Scheduler:
@@ -124,9 +145,16 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.monotonic,
         budget: Budget | None = None,
+        sharing: Mapping[int, Sharing] | None = None,
     ) -> None:
         self.limits = limits
         self.codeunits = codeunits
+        self.sharing: Mapping[int, Sharing] = sharing or {}  # the shared codeunits
+        self.shared = Session(SHARED_SESSION, unlimited=True)
+        self._shared_page = Page(0, "(shared executions)", "")
+        self._executions: dict[tuple[object, ...], Task] = {}  # waiting or running, by key
+        self._abandoned: list[Task] = []  # executions whose last task was cancelled
+        self.attaches = 0  # tasks that attached to an execution another task started
         self.clock = clock
         self.budget = budget
         self.sessions: dict[int, Session] = {}
@@ -236,6 +264,9 @@ class Scheduler:
                 f"(ChildSessionsMaxQueueLength = {limit})"
             )
         size = self._take(map_size(checked), "a waiting task")
+        sharing = self.sharing.get(codeunit)
+        if sharing is not None:
+            return self._attach(session, page, codeunit, checked, timeout_ms, level, size, sharing)
         session.last_task_id += 1
         self._last_job += 1
         task = Task(
@@ -257,6 +288,95 @@ class Scheduler:
         session.waiting += 1
         self._mark_ready(session)
         return task
+
+    def _attach(
+        self,
+        session: Session,
+        page: Page,
+        codeunit: int,
+        parameters: dict[str, str],
+        timeout_ms: int | None,
+        level: str,
+        size: int,
+        sharing: Sharing,
+    ) -> Task:
+        """A task of a shared codeunit: attached to the identical execution, or a new one."""
+        context = dict(session.context) if sharing.per_context else {}
+        key = (codeunit, tuple(sorted(parameters.items())), tuple(sorted(context.items())))
+        now = self.clock()
+        session.last_task_id += 1
+        task = Task(
+            session=session,
+            page=page,
+            id=session.last_task_id,
+            job=0,  # never runs: its execution does
+            codeunit=codeunit,
+            parameters=parameters,
+            timeout_ms=self.effective_timeout(timeout_ms),
+            level=level,
+            record=page.record,
+            enqueued_at=now,
+            state=TaskState.ATTACHED,
+            size=size,
+        )
+        execution = self._executions.get(key)
+        if execution is None:
+            execution = self._new_execution(task, context, key)
+        else:
+            self.attaches += 1
+            if execution.started_at is not None:
+                task.started_at = now  # it waited for nothing
+        assert execution.attached is not None
+        execution.attached.append(task)
+        task.execution = execution
+        session.tasks[task.id] = task
+        page.tasks[task.id] = task
+        session.waiting += 1  # counted as waiting: it holds no worker of its own
+        return task
+
+    def _new_execution(self, first: Task, context: dict[str, str], key: tuple[object, ...]) -> Task:
+        shared = self.shared
+        shared.last_task_id += 1
+        self._last_job += 1
+        execution = Task(
+            session=shared,
+            page=self._shared_page,
+            id=shared.last_task_id,
+            job=self._last_job,
+            codeunit=first.codeunit,
+            parameters=first.parameters,
+            timeout_ms=first.timeout_ms,  # the first task's: later ones join it as it is
+            level="Error",
+            record="",
+            enqueued_at=first.enqueued_at,
+            context=context,
+            attached=[],
+            key=key,
+        )
+        self._executions[key] = execution
+        shared.tasks[execution.id] = execution
+        self._shared_page.tasks[execution.id] = execution
+        shared.queue.append(execution)  # -> WAITING
+        shared.waiting += 1
+        self._mark_ready(shared)
+        return execution
+
+    def end_execution(self, execution: Task, state: TaskState) -> list[Task]:
+        """A shared execution ended (COMPLETED or FAILED); its attached tasks end the same
+        way. Returns them, for their pages to be told."""
+        self.finish(execution, state)
+        assert execution.attached is not None
+        attached, execution.attached = execution.attached, []
+        for task in attached:
+            task.state = state  # ATTACHED -> COMPLETED | FAILED
+            task.session.waiting -= 1
+            self._forget(task)
+        return attached
+
+    def take_abandoned(self) -> list[Task]:
+        """Executions cancelled since the last call because nobody waits for them now."""
+        abandoned, self._abandoned = self._abandoned, []
+        return abandoned
 
     def cancel(self, session: Session, task_id: int) -> Task | None:
         """Cancel one active task by id; None for unknown or finished ids (never raises)."""
@@ -286,6 +406,8 @@ class Scheduler:
         assert task.state is TaskState.STARTING, task
         task.state = TaskState.RUNNING  # STARTING -> RUNNING
         task.started_at = self.clock()
+        for attached in task.attached or ():
+            attached.started_at = task.started_at
 
     def worker_lost(self, task: Task) -> bool:
         """The worker a task was handed to died (or was killed for not starting it).
@@ -310,6 +432,8 @@ class Scheduler:
         assert state in (TaskState.COMPLETED, TaskState.FAILED), state
         assert task.state in (TaskState.STARTING, TaskState.RUNNING), task
         task.state = state  # STARTING | RUNNING -> COMPLETED | FAILED
+        if task.key is not None:
+            del self._executions[task.key]
         self._forget(task)
         task.session.running -= 1
         self._mark_ready(task.session)
@@ -325,6 +449,15 @@ class Scheduler:
 
     def _cancel(self, task: Task, reason: str) -> None:
         session = task.session
+        if task.state is TaskState.ATTACHED:
+            session.waiting -= 1
+            task.state = TaskState.CANCELLED  # ATTACHED -> CANCELLED
+            task.cancel_reason = reason
+            self._forget(task)
+            self._detach(task)
+            return
+        if task.key is not None:
+            del self._executions[task.key]
         if task.state is TaskState.WAITING:
             session.waiting -= 1  # stays in the queue, skipped by _pop_waiting
             if len(session.queue) > 2 * session.waiting + 64:
@@ -337,6 +470,16 @@ class Scheduler:
         task.cancel_reason = reason
         self._forget(task)
         self._mark_ready(session)
+
+    def _detach(self, task: Task) -> None:
+        """An attached task went; an execution nobody waits for any more goes too."""
+        execution = task.execution
+        assert execution is not None
+        assert execution.attached is not None
+        execution.attached.remove(task)
+        if not execution.attached and execution.state.active:
+            self._cancel(execution, task.cancel_reason)
+            self._abandoned.append(execution)
 
     def _forget(self, task: Task) -> None:
         del task.session.tasks[task.id]
@@ -374,7 +517,7 @@ class Scheduler:
             not session.in_ready
             and not session.closed
             and session.waiting > 0
-            and session.running < self.limits.max_concurrency
+            and (session.running < self.limits.max_concurrency or session.unlimited)
         ):
             session.in_ready = True
             (self._ready if session.running else self._fresh).append(session)

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import psutil
 
@@ -147,8 +147,8 @@ class BrokerProcess:
         assert self.process is not None
         return self.process.pid
 
-    def connect(self) -> Session:
-        return connect(str(self.socket))
+    def connect(self, **kwargs: Any) -> Session:
+        return connect(str(self.socket), **kwargs)
 
     def status(self) -> dict:
         with connect(str(self.socket), operator=True) as session:  # works when full, too

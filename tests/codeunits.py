@@ -217,6 +217,8 @@ ADVISORY = 30
 WAIT_FILE = 31
 RESET_DUMP_SIGNAL = 32
 FORK_DAEMON = 33
+SHARED = 34
+SHARED_PER_CONTEXT = 35
 
 
 def _worker_spec() -> Any:
@@ -427,3 +429,27 @@ def fork_daemon(ctx: ChildSession) -> dict[str, str]:
     os.rename(path + ".tmp", path)
     time.sleep(60)
     return {}
+
+
+def _shared_run(ctx: ChildSession) -> dict[str, str]:
+    """Count the run in ``runs`` (a line per execution), wait for ``go`` (if given), then
+    answer, or fail with ``fail``."""
+    with open(ctx.parameters["runs"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    go = ctx.parameters.get("go")
+    deadline = time.monotonic() + 20
+    while go and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if "fail" in ctx.parameters:
+        raise CodeunitError(ctx.parameters["fail"], code="CUST:Shared")
+    return {"pid": str(os.getpid()), "user": ctx.context.get("user", "")}
+
+
+@codeunit(SHARED, name="Shared", shared=True)
+def shared(ctx: ChildSession) -> dict[str, str]:
+    return _shared_run(ctx)
+
+
+@codeunit(SHARED_PER_CONTEXT, name="SharedPerContext", shared=True, per_context=True)
+def shared_per_context(ctx: ChildSession) -> dict[str, str]:
+    return _shared_run(ctx)

@@ -318,3 +318,70 @@ def test_pages_and_contexts_take_from_the_memory_budget_until_they_close():
         s.open_session({"big": "y" * 60_000})
     s.close_session(session)
     assert budget.used == 0
+
+
+# --- shared executions ----------------------------------------------------------------------
+
+
+def shared_scheduler(**kw):
+    from pbt_server.codeunits import Sharing
+
+    s = make(**kw)
+    s.sharing = {2: Sharing()}
+    return s
+
+
+def test_identical_shared_tasks_attach_to_one_execution():
+    s = shared_scheduler()
+    a, b = s.open_session(), s.open_session()
+    s.open_page(a, "P", "")
+    s.open_page(b, "P", "")
+    ta = enqueue(s, a, codeunit=2, parameters={"k": "v"}, timeout=5000)
+    tb = enqueue(s, b, codeunit=2, parameters={"k": "v"}, timeout=9000)
+    other = enqueue(s, b, codeunit=2, parameters={"k": "w"})
+    assert ta.state is tb.state is TaskState.ATTACHED
+    assert ta.execution is tb.execution is not other.execution
+    execution = s.next_task()
+    assert execution is ta.execution
+    assert execution.timeout_ms == 5000  # the first task's
+    assert (a.waiting, a.running, b.waiting, b.running) == (1, 0, 2, 0)
+    assert s.attaches == 1
+    s.started(execution)
+    assert tb.started_at == execution.started_at
+    ended = s.end_execution(execution, TaskState.COMPLETED)
+    assert ended == [ta, tb]
+    assert ta.state is tb.state is TaskState.COMPLETED
+    assert (a.waiting, b.waiting) == (0, 1)
+    # ended: an identical task starts a new execution
+    again = enqueue(s, a, codeunit=2, parameters={"k": "v"})
+    assert again.execution is not execution
+
+
+def test_the_last_cancel_abandons_the_execution():
+    s = shared_scheduler()
+    a, b = s.open_session(), s.open_session()
+    s.open_page(a, "P", "R1")
+    s.open_page(b, "P", "R1")
+    ta = enqueue(s, a, codeunit=2)
+    tb = enqueue(s, b, codeunit=2)
+    execution = s.next_task()
+    assert s.cancel(a, ta.id) is ta
+    assert s.take_abandoned() == []
+    assert s.set_record(b, 1, "R2") == [tb]  # the last attached one goes
+    assert s.take_abandoned() == [execution]
+    assert execution.state is TaskState.CANCELLED
+    assert (s.shared.running, a.waiting, b.waiting) == (0, 0, 0)
+    assert enqueue(s, a, codeunit=2).execution is not execution
+
+
+def test_a_requeued_execution_keeps_its_attached_tasks():
+    s = shared_scheduler()
+    a = s.open_session()
+    s.open_page(a, "P", "")
+    ta = enqueue(s, a, codeunit=2)
+    execution = s.next_task()
+    assert s.worker_lost(execution)  # never started: it runs elsewhere, once
+    tb = enqueue(s, a, codeunit=2)
+    assert tb.execution is execution
+    assert s.next_task() is execution
+    assert s.end_execution(execution, TaskState.FAILED) == [ta, tb]
