@@ -350,7 +350,7 @@ def test_identical_shared_tasks_attach_to_one_execution():
     assert tb.started_at == execution.started_at
     ended = s.end_execution(execution, TaskState.COMPLETED)
     assert ended == [ta, tb]
-    assert ta.state is tb.state is TaskState.COMPLETED
+    assert [ta.state, tb.state] == [TaskState.COMPLETED] * 2
     assert (a.waiting, b.waiting) == (0, 1)
     # ended: an identical task starts a new execution
     again = enqueue(s, a, codeunit=2, parameters={"k": "v"})
