@@ -81,6 +81,7 @@ from pbt_server.errors import (
 from pbt_server.events import Event, event, task_event
 from pbt_server.logs import BrokerLogging
 from pbt_server.pool import WorkerImage, WorkerPool, prepare_workers
+from pbt_server.progress import BACKLOG, ProgressRelay
 from pbt_server.protocol import (
     OPERATOR_OPS,
     PROTOCOL_VERSION,
@@ -90,6 +91,7 @@ from pbt_server.protocol import (
     Failed,
     Hello,
     Message,
+    Progress,
     Request,
     Shutdown,
 )
@@ -174,6 +176,9 @@ class Broker:
             sample=lambda: ((task, worker.rss()) for task, worker in self.pool.running()),
         )
         self.listeners = Listeners(config.server, self.budget)
+        self.progress = ProgressRelay(
+            loop, config.asynchronous_processing.progress_interval_ms / 1000, self._send_progress
+        )
         self.connections: dict[int, ClientConnection] = {}  # by session id
         self.operators = 0
         self.started = time.monotonic()
@@ -425,6 +430,8 @@ class Broker:
     # --- outcomes -------------------------------------------------------------------------
 
     def _send(self, task: Task, event: Completed | Failed | Cancelled) -> None:
+        if self.progress:
+            self.progress.forget(task)  # no progress after the outcome
         if self.telemetry is not None:
             self.telemetry.task_ended(task, event)
         connection = self.connections.get(task.session.id)
@@ -591,6 +598,25 @@ class Broker:
                 worker=pid,
             )
 
+    def task_progress(self, task: Task, progress: dict[str, str]) -> None:
+        for target in task.attached if task.attached is not None else (task,):
+            self.progress.update(target, progress)
+
+    def _send_progress(self, task: Task, progress: dict[str, str]) -> bool:
+        connection = self.connections.get(task.session.id)
+        if connection is None:
+            return True  # nobody to tell
+        if connection.backlog() > BACKLOG:
+            return False
+        event: Progress = {
+            "op": "progress",
+            "task": task.id,
+            "page": task.page.id,
+            "progress": progress,
+        }
+        connection.send(event)
+        return True
+
     def task_done(self, task: Task, results: dict[str, str]) -> None:
         self.watchdog.disarm(task)
         for ended in self._end(task, TaskState.COMPLETED):
@@ -702,6 +728,7 @@ class Broker:
         self.scheduler.limits = config.asynchronous_processing
         self.scheduler.codeunits = image.codeunits
         self.scheduler.sharing = _sharing(image)
+        self.progress.interval = config.asynchronous_processing.progress_interval_ms / 1000
         self.watchdog.ack_timeout = config.workers.ack_timeout_ms / 1000
         self.watchdog.limit_bytes = config.workers.max_memory_mb << 20
         self.budget.limit = server.max_buffered_mb << 20

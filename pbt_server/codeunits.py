@@ -49,6 +49,7 @@ class ChildSession:
         context: the parent session's context (user, company, language...), read-only:
             what the client passed to ``connect(context=...)``, or the web bridge's
             ``Access.context``.
+        report_progress: where :meth:`set_progress` sends (the worker's pipe).
     """
 
     parameters: Mapping[str, str]
@@ -60,10 +61,28 @@ class ChildSession:
     deadline: float
     log: logging.Logger
     context: Mapping[str, str]
+    report_progress: Callable[[dict[str, str]], None] = lambda progress: None
 
     def remaining(self) -> float:
         """Seconds left before the watchdog kills this task."""
         return self.deadline - time.monotonic()
+
+    def set_progress(self, progress: Mapping[str, str]) -> None:
+        """Tell the page how far the task has got (``{"done": "3", "of": "10"}``).
+
+        The page sees the latest value, at most once per ``ProgressInterval``; values set
+        in quick succession are dropped (at most one leaves the worker per 10 ms). Never
+        after the task's outcome.
+
+        Raises:
+            TypeError: not a mapping of text to text.
+            ValueError: more than 4 KB.
+        """
+        copy = dict(progress)
+        for key, value in copy.items():
+            if type(key) is not str or type(value) is not str:
+                raise TypeError(f"progress {key!r:.60}: {type(value).__name__} is not str -> str")
+        self.report_progress(copy)
 
 
 @dataclass(frozen=True, slots=True)

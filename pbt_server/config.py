@@ -477,6 +477,13 @@ class AsyncProcessingSection(Section):
         _timespan,
         "longest timeout a task may have; larger timeouts are clamped to this",
     )
+    progress_interval_ms: int = key(
+        "ProgressInterval",
+        "00:00:00.100",
+        _timespan,
+        "a task's progress (ctx.set_progress) reaches its page at most once per this; values"
+        " set in between are dropped, the latest is kept",
+    )
 
     def check(self, r: _SectionReader) -> None:
         if self.default_timeout_ms > self.max_timeout_ms:

@@ -241,6 +241,7 @@ class PoolListener(Protocol):
         """A worker became idle (booted, promoted, or done with a task)."""
 
     def task_started(self, task: Task) -> None: ...
+    def task_progress(self, task: Task, progress: dict[str, str]) -> None: ...
     def task_done(self, task: Task, results: dict[str, str]) -> None: ...
     def task_failed(self, task: Task, code: str, text: str, stack: str) -> None: ...
 
@@ -695,6 +696,13 @@ class WorkerPool:
                 if task.started_at is not None:
                     raise ProtocolError(f"acknowledged job {message['job']} twice")
                 self.listener.task_started(task)
+            case "progress":
+                task = self._task_of(worker, message["job"])
+                if task.started_at is None:
+                    raise ProtocolError(
+                        f"reported progress of job {message['job']} before starting it"
+                    )
+                self.listener.task_progress(task, message["progress"])
             case "done":
                 task = self._finish(worker, message["job"], message.get("leftovers", []))
                 self.listener.task_done(task, message["results"])

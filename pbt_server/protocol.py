@@ -62,6 +62,7 @@ event       fields
 completed   task: id, page: id, results: {text: text}
 failed      task: id, page: id, code: text, text: long text, stack: long text
 cancelled   task: id, page: id, code: text, text: long text
+progress    task: id, page: id, progress: {text: text}
 shutdown    code: text, text: long text
 error       rid: id|nil, code: text, text: long text
 =========== =============================================================================
@@ -83,6 +84,7 @@ run         to worker      job: id, codeunit: id, parameters: {text: text}, task
 ready       from worker    gen: id, pid: id
 boot_failed from worker    gen: id, text: long text
 started     from worker    gen: id, job: id
+progress    from worker    gen: id, job: id, progress: {text: text}
 done        from worker    gen: id, job: id, results: {text: text}, leftovers?: [text]
 failed      from worker    gen: id, job: id, code: text, text: long text,
                            stack: long text, leftovers?: [text]
@@ -608,6 +610,15 @@ class Cancelled(TypedDict):
     text: LongText
 
 
+class Progress(TypedDict):
+    """A running task's latest progress; never after its outcome."""
+
+    op: Literal["progress"]
+    task: Id
+    page: Id
+    progress: TextMap
+
+
 class Shutdown(TypedDict):
     op: Literal["shutdown"]
     code: Text
@@ -624,8 +635,8 @@ class Error(TypedDict):
     text: LongText
 
 
-Event = Union[Completed, Failed, Cancelled, Shutdown, Error]  # noqa: UP007
-EVENTS: Final = Channel[Event]("event", Completed, Failed, Cancelled, Shutdown, Error)
+Event = Union[Completed, Failed, Cancelled, Progress, Shutdown, Error]  # noqa: UP007
+EVENTS: Final = Channel[Event]("event", Completed, Failed, Cancelled, Progress, Shutdown, Error)
 
 
 # --- broker <-> worker pipe messages ------------------------------------------------------
@@ -661,6 +672,13 @@ class Started(TypedDict):
     job: Id
 
 
+class TaskProgress(TypedDict):
+    op: Literal["progress"]
+    gen: Id
+    job: Id
+    progress: TextMap
+
+
 class Done(TypedDict):
     op: Literal["done"]
     gen: Id
@@ -689,10 +707,11 @@ class Tried(TypedDict):
 
 
 ToWorker = Run
-FromWorker = Union[Ready, BootFailure, Started, Done, TaskFailure]  # noqa: UP007
+FromWorker = Union[Ready, BootFailure, Started, TaskProgress, Done, TaskFailure]  # noqa: UP007
 FROM_WORKER: Final = Channel[FromWorker](
-    "worker message", Ready, BootFailure, Started, Done, TaskFailure
+    "worker message", Ready, BootFailure, Started, TaskProgress, Done, TaskFailure
 )
+MAX_PROGRESS: Final = 4096  # bytes of a task's progress, packed
 TO_WORKER: Final = Channel[ToWorker]("job", Run)
 FromTrial = Union[Tried, BootFailure]  # noqa: UP007
 FROM_TRIAL: Final = Channel[FromTrial]("trial message", Tried, BootFailure)

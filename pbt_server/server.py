@@ -275,6 +275,10 @@ class ClientConnection(asyncio.Protocol):
             self._hello_timer = None
         self._gate.leave(self._listener, self)
 
+    def backlog(self) -> int:
+        """Bytes written to this connection that the peer has not taken yet."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
     def send(self, message: Mapping[str, object]) -> None:
         if self.open:
             assert self.transport is not None

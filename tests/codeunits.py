@@ -219,6 +219,8 @@ RESET_DUMP_SIGNAL = 32
 FORK_DAEMON = 33
 SHARED = 34
 SHARED_PER_CONTEXT = 35
+PROGRESS = 36
+SHARED_PROGRESS = 37
 
 
 def _worker_spec() -> Any:
@@ -453,3 +455,28 @@ def shared(ctx: ChildSession) -> dict[str, str]:
 @codeunit(SHARED_PER_CONTEXT, name="SharedPerContext", shared=True, per_context=True)
 def shared_per_context(ctx: ChildSession) -> dict[str, str]:
     return _shared_run(ctx)
+
+
+def _progress(ctx: ChildSession) -> dict[str, str]:
+    """Report ``steps`` steps, ``pause`` seconds apart (waiting for ``go`` first, if given)."""
+    go = ctx.parameters.get("go")
+    deadline = time.monotonic() + 20
+    while go and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    steps = int(ctx.parameters.get("steps", "10"))
+    for step in range(1, steps + 1):
+        ctx.set_progress({"done": str(step), "of": str(steps)})
+        time.sleep(float(ctx.parameters.get("pause", "0.02")))
+    if "bad" in ctx.parameters:
+        ctx.set_progress({"x": "y" * 5000})  # over 4 KB: ValueError
+    return {"steps": str(steps)}
+
+
+@codeunit(PROGRESS, name="Progress")
+def progress(ctx: ChildSession) -> dict[str, str]:
+    return _progress(ctx)
+
+
+@codeunit(SHARED_PROGRESS, name="SharedProgress", shared=True)
+def shared_progress(ctx: ChildSession) -> dict[str, str]:
+    return _progress(ctx)

@@ -39,7 +39,7 @@ from pbt_server.codeunits import (
 from pbt_server.config import DatabaseSection
 from pbt_server.errors import ChildSessionCode, CodeunitError, UnknownCodeunit
 from pbt_server.proctree import shared_fds
-from pbt_server.protocol import MAX_TEXT, Run, pack, pipe_unpacker
+from pbt_server.protocol import MAX_PROGRESS, MAX_TEXT, Run, pack, pipe_unpacker
 from workers.cleanliness import Baseline
 from workers.database import DatabaseUnavailable, error_code, open_database
 from workers.dbapi import Database
@@ -48,6 +48,7 @@ EXIT_BOOT_FAILURE: Final = 3  # reserved: the pool stops respawning instead of l
 STACK_SIGNAL: Final = signal.SIGUSR2  # the broker's "dump your stacks", before a timeout kill
 _PR_SET_PDEATHSIG: Final = 1
 _CODE_LIMIT: Final = 200  # characters of an error code a codeunit sets itself
+PROGRESS_GAP: Final = 0.010  # seconds between two progress messages of a task, at least
 
 log = logging.getLogger("pbt_server.worker")
 
@@ -224,6 +225,7 @@ def _run_job(spec: WorkerSpec, db: Database, baseline: Baseline, job: Run) -> No
         deadline=time.monotonic() + job["timeout"] / 1000,
         log=logging.getLogger(f"codeunit.{job['codeunit']}"),
         context=MappingProxyType(dict(job["context"])),
+        report_progress=_ProgressWriter(spec, job["job"]),
     )
     _current.update(session=job["session"], task=job["task"], codeunit=job["codeunit"])
     try:
@@ -242,6 +244,27 @@ def _run_job(spec: WorkerSpec, db: Database, baseline: Baseline, job: Run) -> No
     reply["gen"] = spec.gen
     reply["job"] = job["job"]
     _write_bytes(spec.res_w, _packed(reply, spec.max_result_bytes))
+
+
+class _ProgressWriter:
+    """A task's ``ctx.set_progress``: at most one message per :data:`PROGRESS_GAP` leaves
+    the worker (a loop that reports every row must not flood the broker); the rest drop."""
+
+    __slots__ = ("gen", "job", "last", "res_w")
+
+    def __init__(self, spec: WorkerSpec, job: int) -> None:
+        self.res_w, self.gen, self.job = spec.res_w, spec.gen, job
+        self.last = -PROGRESS_GAP
+
+    def __call__(self, progress: dict[str, str]) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_GAP:
+            return
+        data = pack({"op": "progress", "gen": self.gen, "job": self.job, "progress": progress})
+        if len(data) > MAX_PROGRESS:
+            raise ValueError(f"progress is {len(data)} bytes packed; at most {MAX_PROGRESS}")
+        self.last = now
+        _write_bytes(self.res_w, data)
 
 
 def _call_codeunit(ctx: ChildSession) -> dict[str, Any]:

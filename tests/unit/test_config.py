@@ -89,6 +89,7 @@ def test_defaults(tmp_path: Path) -> None:
             max_queue_length=100,
             default_timeout_ms=120_000,
             max_timeout_ms=600_000,
+            progress_interval_ms=100,
         ),
         workers=WorkersSection(
             count=5, max_tasks_per_worker=0, max_memory_mb=0, ack_timeout_ms=5000

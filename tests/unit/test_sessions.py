@@ -29,6 +29,7 @@ def make(
         max_queue_length=max_queue_length,
         default_timeout_ms=120_000,
         max_timeout_ms=600_000,
+        progress_interval_ms=100,
     )
     return Scheduler(limits, {1, 2}, clock=clock or FakeClock(), budget=budget)
 
