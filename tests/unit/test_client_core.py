@@ -196,7 +196,7 @@ def test_malformed_reply_is_a_protocol_error() -> None:
 
 
 def test_unknown_event_is_ignored() -> None:
-    assert arrive(new_core(), {"op": "progress", "task": 1}) == []
+    assert arrive(new_core(), {"op": "heartbeat", "task": 1}) == []
 
 
 def test_status_fields_drop_the_envelope() -> None:
