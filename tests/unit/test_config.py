@@ -188,6 +188,7 @@ ChildSessionsMaxConcurrency = 2
 ChildSessionsMaxQueueLength = 1
 PageBackgroundTaskDefaultTimeout = 00:00:30
 PageBackgroundTaskMaxTimeout = 01:00:00
+ProgressInterval = 00:00:00.250
 
 [Workers]
 Count = 256
@@ -219,7 +220,11 @@ Modules = workers.demo, mypkg.cues
         metrics_address=("::", 9185),
     )
     assert config.asynchronous_processing == AsyncProcessingSection(
-        max_concurrency=2, max_queue_length=1, default_timeout_ms=30_000, max_timeout_ms=3_600_000
+        max_concurrency=2,
+        max_queue_length=1,
+        default_timeout_ms=30_000,
+        max_timeout_ms=3_600_000,
+        progress_interval_ms=250,
     )
     assert config.workers == WorkersSection(
         count=256, max_tasks_per_worker=1000, max_memory_mb=512, ack_timeout_ms=2000

@@ -20,7 +20,11 @@ NOOP, SLOW = 1, 2
 def make() -> tuple[Scheduler, Telemetry, FakeClock, Session]:
     clock = FakeClock(1000.0)
     limits = AsyncProcessingSection(
-        max_concurrency=5, max_queue_length=1000, default_timeout_ms=60_000, max_timeout_ms=60_000
+        max_concurrency=5,
+        max_queue_length=1000,
+        default_timeout_ms=60_000,
+        max_timeout_ms=60_000,
+        progress_interval_ms=100,
     )
     scheduler = Scheduler(limits, {NOOP, SLOW}, clock=clock)
     session = scheduler.open_session()
