@@ -61,10 +61,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from pbt_server import __version__, proctree, systemd
 from pbt_server.budget import Budget
+from pbt_server.cache import ResultCache, Version, sqlite_version
 from pbt_server.codeunits import CHILD_SESSION_VARIABLE, Sharing
 from pbt_server.config import ServerConfig
 from pbt_server.errors import (
@@ -176,6 +178,8 @@ class Broker:
             sample=lambda: ((task, worker.rss()) for task, worker in self.pool.running()),
         )
         self.listeners = Listeners(config.server, self.budget)
+        self.cache = ResultCache(config.workers.result_cache_mb << 20, _data_version(config))
+        self.scheduler.cache = self.cache
         self.progress = ProgressRelay(
             loop, config.asynchronous_processing.progress_interval_ms / 1000, self._send_progress
         )
@@ -235,6 +239,13 @@ class Broker:
             self.config.server.socket_path,
             f", tcp {tcp}" if tcp else "",
         )
+        if not self.cache.enabled and any(s.cache for s in self.scheduler.sharing.values()):
+            log.warning(
+                "cache=True codeunits are shared but not cached: %s",
+                "ResultCacheMB = 0"
+                if self.cache.limit == 0
+                else "the database has no data version the broker can read (PostgreSQL)",
+            )
         # What exists now lives as long as the broker: keep it out of every GC pass.
         gc.freeze()
         if self._watch:
@@ -405,8 +416,24 @@ class Broker:
             task.codeunit,
             task.timeout_ms,
         )
+        served = self.scheduler.take_served()
+        if served:
+            # Completed after the reply goes out, as if it had run: BC's order holds.
+            self.loop.call_soon(self._serve, served)
         self._dispatch()
         return {"task": task.id, "timeout": task.timeout_ms}
+
+    def _serve(self, served: list[tuple[Task, dict[str, str]]]) -> None:
+        for task, results in served:
+            if self.scheduler.serve(task):
+                completed: Completed = {
+                    "op": "completed",
+                    "task": task.id,
+                    "page": task.page.id,
+                    "results": results,
+                }
+                self._send(task, completed)
+                self.tally.add("completed", "")
 
     def connection_lost(self, connection: ClientConnection) -> None:
         if connection.operator:
@@ -571,6 +598,8 @@ class Broker:
             task = self.scheduler.next_task()
             if task is None:
                 return
+            if task.cacheable:
+                task.version = self.cache.version_now()  # before the worker's snapshot
             pool.assign(task)
             self.watchdog.expect_ack(task)
 
@@ -619,6 +648,10 @@ class Broker:
 
     def task_done(self, task: Task, results: dict[str, str]) -> None:
         self.watchdog.disarm(task)
+        if task.cacheable and task.version is not None:
+            assert task.key is not None
+            assert task.started_at is not None
+            self.cache.put(task.key, task.version, results, task.started_at)
         for ended in self._end(task, TaskState.COMPLETED):
             completed: Completed = {
                 "op": "completed",
@@ -729,6 +762,10 @@ class Broker:
         self.scheduler.codeunits = image.codeunits
         self.scheduler.sharing = _sharing(image)
         self.progress.interval = config.asynchronous_processing.progress_interval_ms / 1000
+        # The new code may compute otherwise: nothing the old one returned is served.
+        self.cache.clear()
+        self.cache.limit = config.workers.result_cache_mb << 20
+        self.cache.version = _data_version(config)
         self.watchdog.ack_timeout = config.workers.ack_timeout_ms / 1000
         self.watchdog.limit_bytes = config.workers.max_memory_mb << 20
         self.budget.limit = server.max_buffered_mb << 20
@@ -752,7 +789,24 @@ class Broker:
             tcp=self.listeners.tcp_text() or None,
             metrics=self.operations.address_text if self.operations is not None else None,
             max_sessions=self.max_sessions,
+            sharing={
+                "shared": {
+                    "executions": self.scheduler.shared.waiting + self.scheduler.shared.running,
+                    "attaches": self.scheduler.attaches,
+                },
+                "cache": {
+                    "hits": self.cache.hits,
+                    "misses": self.cache.misses,
+                    "entries": len(self.cache),
+                    "bytes": self.cache.used,
+                },
+            },
         )
+
+
+def _data_version(config: ServerConfig) -> Callable[[], Version | None] | None:
+    path = config.database.url.path
+    return sqlite_version(path) if path is not None else None
 
 
 def _sharing(image: WorkerImage) -> dict[int, Sharing]:

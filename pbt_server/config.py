@@ -514,6 +514,13 @@ class WorkersSection(Section):
     max_memory_mb: int = key(
         "MaxMemoryMB", "0", _int_in(0), "kill a worker whose RSS exceeds this many MB; 0 = off"
     )
+    result_cache_mb: int = key(
+        "ResultCacheMB",
+        "64",
+        _int_in(0),
+        "memory for the results of cache=True codeunits, in MB (least recently used go"
+        " first); 0 = no cache",
+    )
     ack_timeout_ms: int = key(
         "AckTimeout",
         "00:00:05",

@@ -5,7 +5,9 @@ The status report (``pbt-server status --json``; the README lists every field)::
 
     {"server":   {"pid", "version", "uptime", "socket", "tcp", "metrics", "max_sessions"},
      "totals":   {"sessions", "pages", "waiting", "running",
-                  "workers": {"booting", "idle", "starting", "busy", "down"}, "standby"},
+                  "workers": {"booting", "idle", "starting", "busy", "down"}, "standby",
+                  "worker_ends": {cause: n}, "shared": {"executions", "attaches"},
+                  "cache": {"hits", "misses", "entries", "bytes"}},
      "sessions": [{"id", "pages", "waiting", "running", "context"}, ...],
      "workers":  [{"slot", "pid", "state", "rss", "tasks_done", "task", "codeunit",
                    "task_seconds"}, ...]}
@@ -43,8 +45,10 @@ def status_report(
     tcp: str | None,
     metrics: str | None = None,
     max_sessions: int = 0,
+    sharing: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """The answer to a ``status`` request; ``now`` is the loop's clock (for task ages)."""
+    """The answer to a ``status`` request; ``now`` is the loop's clock (for task ages);
+    ``sharing``: the ``shared`` and ``cache`` totals."""
     workers = worker_rows(pool, now, rss=True)
     return {
         "server": {
@@ -56,7 +60,9 @@ def status_report(
             "metrics": metrics,
             "max_sessions": max_sessions,
         },
-        "totals": totals(sessions, workers) | {"worker_ends": dict(pool.ended)},
+        "totals": totals(sessions, workers)
+        | {"worker_ends": dict(pool.ended)}
+        | dict(sharing or {}),
         "sessions": [
             {
                 "id": s.id,

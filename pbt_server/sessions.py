@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pbt_server.budget import Budget, map_size, page_size
+from pbt_server.cache import ResultCache
 from pbt_server.codeunits import Sharing
 from pbt_server.config import AsyncProcessingSection
 from pbt_server.errors import (
@@ -101,6 +102,8 @@ class Task:
     execution: Task | None = None  # an attached task's shared execution
     attached: list[Task] | None = None  # a shared execution's attached tasks
     key: tuple[object, ...] | None = None  # what makes tasks identical to an execution
+    cacheable: bool = False  # an execution whose results the cache keeps
+    version: object = None  # the data version read when it was handed to a worker
 
     def __repr__(self) -> str:
         return f"<Task s{self.session.id}/t{self.id} job={self.job} {self.state.value}>"
@@ -154,6 +157,8 @@ class Scheduler:
         self._shared_page = Page(0, "(shared executions)", "")
         self._executions: dict[tuple[object, ...], Task] = {}  # waiting or running, by key
         self._abandoned: list[Task] = []  # executions whose last task was cancelled
+        self.cache: ResultCache | None = None
+        self._served: list[tuple[Task, dict[str, str]]] = []  # cache hits to complete
         self.attaches = 0  # tasks that attached to an execution another task started
         self.clock = clock
         self.budget = budget
@@ -320,8 +325,19 @@ class Scheduler:
             size=size,
         )
         execution = self._executions.get(key)
+        cache = self.cache
+        if execution is None and sharing.cache and cache is not None and cache.enabled:
+            results = cache.get(key, now, sharing.max_age)
+            if results is not None:
+                task.started_at = now
+                session.tasks[task.id] = task
+                page.tasks[task.id] = task
+                session.waiting += 1
+                self._served.append((task, results))  # completed on the next turn
+                return task
         if execution is None:
             execution = self._new_execution(task, context, key)
+            execution.cacheable = sharing.cache and cache is not None and cache.enabled
         else:
             self.attaches += 1
             if execution.started_at is not None:
@@ -372,6 +388,20 @@ class Scheduler:
             task.session.waiting -= 1
             self._forget(task)
         return attached
+
+    def take_served(self) -> list[tuple[Task, dict[str, str]]]:
+        """The tasks answered from the cache since the last call, with their results."""
+        served, self._served = self._served, []
+        return served
+
+    def serve(self, task: Task) -> bool:
+        """Complete a task answered from the cache; False if it was cancelled meanwhile."""
+        if task.state is not TaskState.ATTACHED:
+            return False
+        task.state = TaskState.COMPLETED  # ATTACHED -> COMPLETED
+        task.session.waiting -= 1
+        self._forget(task)
+        return True
 
     def take_abandoned(self) -> list[Task]:
         """Executions cancelled since the last call because nobody waits for them now."""
@@ -474,7 +504,8 @@ class Scheduler:
     def _detach(self, task: Task) -> None:
         """An attached task went; an execution nobody waits for any more goes too."""
         execution = task.execution
-        assert execution is not None
+        if execution is None:
+            return  # answered from the cache: it had no execution
         assert execution.attached is not None
         execution.attached.remove(task)
         if not execution.attached and execution.state.active:

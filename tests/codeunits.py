@@ -221,6 +221,8 @@ SHARED = 34
 SHARED_PER_CONTEXT = 35
 PROGRESS = 36
 SHARED_PROGRESS = 37
+CACHED = 38
+CACHED_BRIEFLY = 39
 
 
 def _worker_spec() -> Any:
@@ -480,3 +482,23 @@ def progress(ctx: ChildSession) -> dict[str, str]:
 @codeunit(SHARED_PROGRESS, name="SharedProgress", shared=True)
 def shared_progress(ctx: ChildSession) -> dict[str, str]:
     return _progress(ctx)
+
+
+def _count_blocked(ctx: ChildSession) -> dict[str, str]:
+    """Count a run in ``runs``, then the blocked customers (or fail with ``fail``)."""
+    with open(ctx.parameters["runs"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    if "fail" in ctx.parameters:
+        raise CodeunitError(ctx.parameters["fail"], code="CUST:Cached")
+    (count,) = ctx.db.execute("SELECT count(*) FROM customer WHERE blocked = 1").fetchone()
+    return {"blocked": str(count)}
+
+
+@codeunit(CACHED, name="Cached", shared=True, cache=True)
+def cached(ctx: ChildSession) -> dict[str, str]:
+    return _count_blocked(ctx)
+
+
+@codeunit(CACHED_BRIEFLY, name="CachedBriefly", shared=True, cache=True, max_age=0.3)
+def cached_briefly(ctx: ChildSession) -> dict[str, str]:
+    return _count_blocked(ctx)

@@ -18,7 +18,17 @@ from tests.support import wait_until
 
 # The documented fields of `status --json` (README, "Operating it"): exactly these.
 SERVER_FIELDS = {"pid", "version", "uptime", "socket", "tcp", "metrics", "max_sessions"}
-TOTALS_FIELDS = {"sessions", "pages", "waiting", "running", "workers", "standby", "worker_ends"}
+TOTALS_FIELDS = {
+    "sessions",
+    "pages",
+    "waiting",
+    "running",
+    "workers",
+    "standby",
+    "worker_ends",
+    "shared",
+    "cache",
+}
 SESSION_FIELDS = {"id", "pages", "waiting", "running", "context"}
 WORKER_FIELDS = {"slot", "pid", "state", "rss", "tasks_done", "task", "codeunit", "task_seconds"}
 

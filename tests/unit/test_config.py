@@ -92,7 +92,11 @@ def test_defaults(tmp_path: Path) -> None:
             progress_interval_ms=100,
         ),
         workers=WorkersSection(
-            count=5, max_tasks_per_worker=0, max_memory_mb=0, ack_timeout_ms=5000
+            count=5,
+            max_tasks_per_worker=0,
+            max_memory_mb=0,
+            result_cache_mb=64,
+            ack_timeout_ms=5000,
         ),
         database=DatabaseSection(
             url=DatabaseUrl(
@@ -227,7 +231,11 @@ Modules = workers.demo, mypkg.cues
         progress_interval_ms=250,
     )
     assert config.workers == WorkersSection(
-        count=256, max_tasks_per_worker=1000, max_memory_mb=512, ack_timeout_ms=2000
+        count=256,
+        max_tasks_per_worker=1000,
+        max_memory_mb=512,
+        result_cache_mb=64,
+        ack_timeout_ms=2000,
     )
     assert config.database == DatabaseSection(
         url=DatabaseUrl("postgresql://pbt@db.example/pbt", "postgresql"),
@@ -437,7 +445,7 @@ def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
     text = config_error(tmp_path, "[Workers]\nCuont = 4\n")
     assert text == (
         f"{tmp_path / 'server.ini'}: [Workers] Cuont: unknown key"
-        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, AckTimeout)"
+        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, ResultCacheMB, AckTimeout)"
     )
 
 
@@ -519,7 +527,7 @@ def test_unknown_env_key_in_known_section(tmp_path: Path) -> None:
     text = config_error(tmp_path, "", {"PBT_WORKERS_MAX_MEMORY_MB": "5"})
     assert text == (
         "PBT_WORKERS_MAX_MEMORY_MB: [Workers] MAX_MEMORY_MB: unknown key"
-        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, AckTimeout)"
+        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, ResultCacheMB, AckTimeout)"
     )
 
 
