@@ -33,8 +33,9 @@ Lifecycle:
 6. outcome: ``done`` -> completed; ``failed`` -> failed; timer -> worker tree killed and
    replaced, ``ChildSessionTaskTimeout``; worker death or a pipe protocol fault ->
    ``ChildSessionCrashed``; RSS over ``MaxMemoryMB`` -> killed, ``ChildSessionMemoryLimit``;
-   cancel (by id, record change, page close, disconnect) -> a running worker is killed and
-   replaced, no trigger. A task that left something behind in its worker gets its outcome,
+   cancel (by id, record change, page close, disconnect) -> no trigger; a running task's
+   slot gets the standby at once, and its worker is killed only if the task runs on past
+   ``CancelGrace`` (its answer is dropped; a worker that ends in time is reused). A task that left something behind in its worker gets its outcome,
    and the worker is retired before it takes another task;
 7. stop (SIGTERM, SIGINT): stop listening, cancel every task (``ServerShuttingDown``), tell
    the clients, stop the workers, flush the connections for a bounded time, remove the socket.
@@ -542,11 +543,13 @@ class Broker:
         elsewhere, once), or — for a cancel — was already cancelled by the scheduler.
         """
         self.watchdog.disarm(task)
+        reason = f"task s{task.session.id}/t{task.id}: {text}"
+        if cause is End.CANCEL:
+            self.pool.release(task, reason)  # killed only if it runs on past CancelGrace
+            return
         if cause is not End.CRASH:
-            self.pool.abort(task, f"task s{task.session.id}/t{task.id}: {text}", cause.name.lower())
+            self.pool.abort(task, reason, cause.name.lower())
         match cause:
-            case End.CANCEL:
-                return
             case End.MEMORY:
                 code = ChildSessionCode.MEMORY_LIMIT
                 task_event(

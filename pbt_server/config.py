@@ -521,6 +521,14 @@ class WorkersSection(Section):
         "memory for the results of cache=True codeunits, in MB (least recently used go"
         " first); 0 = no cache",
     )
+    cancel_grace_ms: int = key(
+        "CancelGrace",
+        "00:00:00.050",
+        _span,
+        "a cancelled running task frees its session's slot and a worker at once; its own"
+        " worker is killed only if the task has not ended within this (then it is reused);"
+        " 00:00:00 = kill at once",
+    )
     ack_timeout_ms: int = key(
         "AckTimeout",
         "00:00:05",

@@ -27,6 +27,8 @@ Worker states::
        |                 |                |       (or RETIRING: a task left something
        |                 |                |        behind, or MaxTasksPerWorker reached)
        |                 |                +--timeout--> DUMPING --stack or 10 ms--> KILLED
+       |                 |                +--release (cancel)--> DRAINING --ends--> standby
+       |                 |                |                   (or RETIRING) | CancelGrace: KILLED
        +--------+--------+-------+--------+
                 |                |
             retire/stop       abort/kill/protocol fault
@@ -185,6 +187,7 @@ class WorkerState(enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     DUMPING = "dumping"  # its task timed out: dumping its stack, then killed; says nothing more
+    DRAINING = "draining"  # its task was cancelled; out of its slot; reused if it ends in time
     RETIRING = "retiring"  # job pipe closed; exits when it reads EOF
     KILLED = "killed"  # SIGKILLed by us; waiting to be reaped
     DEAD = "dead"
@@ -209,6 +212,8 @@ class Worker:
     tasks_done: int = 0
     pending: bytearray = field(default_factory=bytearray)  # job bytes the pipe did not take
     fed: int = 0  # bytes read from its result pipe so far
+    draining: int = 0  # the job of the cancelled task it may still finish (DRAINING)
+    drain_timer: asyncio.TimerHandle | None = None
     log_handler: logging.Handler | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
     _ps: psutil.Process | None = None
@@ -231,7 +236,9 @@ class Worker:
 _SILENCED: Final = frozenset({WorkerState.DUMPING, WorkerState.KILLED, WorkerState.DEAD})
 _ENDS: Final = frozenset({"done", "failed"})  # the messages that end a task
 # A worker in these states was ended (or is being ended) by the pool: its death is no news.
-_ENDED_BY_US: Final = frozenset({WorkerState.DUMPING, WorkerState.KILLED, WorkerState.RETIRING})
+_ENDED_BY_US: Final = frozenset(
+    {WorkerState.DUMPING, WorkerState.KILLED, WorkerState.RETIRING, WorkerState.DRAINING}
+)
 
 
 class PoolListener(Protocol):
@@ -334,7 +341,7 @@ class WorkerPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for worker in self.workers():
-            if worker.state is WorkerState.BUSY:
+            if worker.state in (WorkerState.BUSY, WorkerState.DRAINING):
                 self._kill(worker, "server stopping")
             elif worker.state in (WorkerState.IDLE, WorkerState.BOOTING):
                 self._detach(worker, WorkerState.RETIRING)
@@ -540,6 +547,57 @@ class WorkerPool:
         self._kill(worker, reason, cause)
         return True
 
+    def release(self, task: Task, reason: str) -> bool:
+        """A cancel: forget ``task`` and give its slot a worker at once (the standby), as
+        :meth:`abort` does, but let its own worker finish the task aside for up to
+        ``CancelGrace``: its answer is dropped and it is reused; past the grace it is
+        killed. No listener call follows for this task. False if no worker runs it."""
+        worker = self._running.get(task.job)
+        if worker is None:
+            return False
+        grace = self.config.cancel_grace_ms / 1000
+        if grace <= 0 or worker.state is not WorkerState.BUSY:
+            self._kill(worker, reason, "cancel")
+            return True
+        self._take_task(worker)
+        worker.draining = task.job
+        owned = self._owns_slot(worker)
+        if owned:
+            self.slots[worker.slot] = None
+        worker.state = WorkerState.DRAINING  # BUSY -> DRAINING
+        self._others.add(worker)
+        worker.drain_timer = self.loop.call_later(grace, self._drain_expired, worker, reason)
+        if owned:
+            self.replace(worker.slot)
+        return True
+
+    def _drain_expired(self, worker: Worker, reason: str) -> None:
+        worker.drain_timer = None
+        if worker.state is WorkerState.DRAINING:
+            grace = self.config.cancel_grace_ms
+            self._kill(worker, f"{reason}; still running after CancelGrace ({grace} ms)", "cancel")
+
+    def _drained(self, worker: Worker, job: int, leftovers: list[str]) -> None:
+        """A cancelled task ended within the grace: its answer is dropped; the worker is
+        the next standby if there is room, else it exits cleanly."""
+        if job != worker.draining:
+            raise ProtocolError(f"spoke of job {job}, which it is not running")
+        if worker.drain_timer is not None:
+            worker.drain_timer.cancel()
+            worker.drain_timer = None
+        worker.tasks_done += 1
+        clean = not leftovers and worker.code == self.code
+        if clean and self.standby is None and not self._stopping:
+            self._others.discard(worker)
+            worker.slot = STANDBY  # DRAINING -> IDLE, as the standby
+            worker.state = WorkerState.IDLE
+            self.standby = worker
+            return
+        self._ended("leftovers" if leftovers else "")
+        worker.state = WorkerState.RETIRING  # DRAINING -> RETIRING: exits on EOF
+        self._close_job_pipe(worker)
+        self.loop.call_later(RETIRE_GRACE, self._kill_if_retiring, worker)
+
     def abort_with_stack(self, task: Task, reason: str, then: Callable[[str], None]) -> None:
         """Like :meth:`abort`, but first ask the worker for its threads' Python stacks; call
         ``then(stack)`` once it is killed, at most ``STACK_WAIT`` later (``stack`` says so
@@ -684,6 +742,12 @@ class WorkerPool:
         message = FROM_WORKER.validate(raw)
         if message["gen"] != worker.gen:
             raise ProtocolError(f"said it is incarnation {message['gen']}, not {worker.gen}")
+        if worker.state is WorkerState.DRAINING:
+            if message["op"] in ("done", "failed"):
+                self._drained(worker, message["job"], message.get("leftovers", []))
+            elif message["op"] not in ("started", "progress") or message["job"] != worker.draining:
+                raise ProtocolError(f"sent {message['op']} while finishing a cancelled task")
+            return
         match message["op"]:
             case "ready":
                 self._on_ready(worker)

@@ -137,7 +137,8 @@ def test_with_manual_dispatch_triggers_run_only_in_process_events(broker):
         while ran < 3:
             ran += session.process_events(timeout=5)
         me = threading.current_thread().name
-        assert seen == [(task.id, me) for task in tasks]  # in order, on the caller's thread
+        # on the caller's thread, each once (in the order the outcomes came: two ran at once)
+        assert sorted(seen) == [(task.id, me) for task in tasks]
         assert session.process_events() == 0
 
 

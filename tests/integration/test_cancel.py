@@ -9,6 +9,7 @@ import pytest
 
 from pbt_server.client import BackgroundTaskCanceled
 from tests import codeunits as cu
+from tests.broker_process import alive
 from tests.support import recorder, wait_until
 
 
@@ -145,3 +146,42 @@ def test_a_cancel_racing_completion_ends_the_task_exactly_once(broker):
         assert results + cancelled == 40
         wait_until(lambda: len(outcomes) == results)
         assert outcomes == ["completed"] * results
+
+
+def test_a_cancelled_task_that_ends_within_the_grace_keeps_its_worker(start_broker):
+    """CancelGrace: a short task cancelled mid-run finishes aside, its answer dropped, and
+    its worker lives on as the standby: no kill, no fork."""
+    broker = start_broker({"Workers": {"Count": "1", "CancelGrace": "00:00:02"}})
+    with broker.connect() as session:
+        page = session.open_page("P", "R1")
+        fired: list[tuple[Any, ...]] = []
+        _no_triggers(page, fired)
+        task = page.enqueue_background_task(cu.SLEEP, {"seconds": "0.3"})
+        wait_until(lambda: broker.status()["totals"]["running"] == 1)
+        worker = next(w["pid"] for w in broker.status()["workers"] if w["task"])
+        page.set_record("R2")  # the page moves on
+        with pytest.raises(BackgroundTaskCanceled):
+            task.result(timeout=1)
+        # the slot has a worker at once, and a new task runs while the old one finishes
+        assert page.enqueue_background_task(cu.ECHO, {"a": "b"}).result(timeout=10) == {"a": "b"}
+
+        def reused() -> bool:
+            rows = broker.status()["workers"]
+            return any(w["slot"] == "standby" and w["pid"] == worker for w in rows)
+
+        wait_until(reused, timeout=10)
+        assert broker.status()["totals"]["worker_ends"].get("cancel", 0) == 0
+    assert fired == []
+
+
+def test_a_cancelled_task_that_runs_past_the_grace_is_killed(start_broker):
+    broker = start_broker({"Workers": {"Count": "1", "CancelGrace": "00:00:00.050"}})
+    with broker.connect() as session:
+        page = session.open_page("P")
+        task = page.enqueue_background_task(cu.SPIN)
+        wait_until(lambda: broker.status()["totals"]["running"] == 1)
+        spinner = next(w["pid"] for w in broker.status()["workers"] if w["task"])
+        assert task.cancel()
+        wait_until(lambda: not alive(spinner), timeout=10)
+        wait_until(lambda: broker.status()["totals"]["worker_ends"].get("cancel") == 1)
+        assert page.enqueue_background_task(cu.ECHO, {"a": "b"}).result(timeout=10) == {"a": "b"}
