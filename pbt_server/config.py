@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import configparser
 import dataclasses
+import importlib.util
 import keyword
 import os
 import re
@@ -141,6 +142,18 @@ def _auth_token(text: str) -> str:
     if text and len(text) < 16:
         raise ValueError("must be at least 16 characters (empty = no token)")
     return text
+
+
+_EVENT_LOOPS: Final = ("auto", "asyncio", "uvloop")
+
+
+def _event_loop(text: str) -> str:
+    choice = text.lower()
+    if choice not in _EVENT_LOOPS:
+        raise ValueError(f"must be one of {', '.join(_EVENT_LOOPS)}")
+    if choice == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError("uvloop is not installed: pip install 'pbt-server[fast]' (or say auto)")
+    return choice
 
 
 def _log_level(text: str) -> str:
@@ -389,6 +402,13 @@ class ServerSection(Section):
         _int_in(1),
         "memory budget for partly received frames and the parameters of waiting tasks, in"
         " MB; over it, new work is refused (ServerMemoryBudget)",
+    )
+    event_loop: str = key(
+        "EventLoop",
+        "auto",
+        _event_loop,
+        "the broker's event loop: uvloop (the fast extra: pip install 'pbt-server[fast]'),"
+        " asyncio, or auto: uvloop if installed",
     )
 
     def check(self, r: _SectionReader) -> None:

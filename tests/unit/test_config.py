@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,7 @@ def test_defaults(tmp_path: Path) -> None:
             max_frame_bytes=1048576,
             max_connections=4096,
             max_buffered_mb=256,
+            event_loop="auto",
         ),
         asynchronous_processing=AsyncProcessingSection(
             max_concurrency=5,
@@ -176,6 +178,7 @@ LogLevel = debug
 MaxFrameBytes = 2048
 MaxConnections = 10
 MaxBufferedMB = 64
+EventLoop = AsyncIO
 
 [AsynchronousProcessing]
 ChildSessionsMaxConcurrency = 2
@@ -209,6 +212,7 @@ Modules = workers.demo, mypkg.cues
         max_frame_bytes=2048,
         max_connections=10,
         max_buffered_mb=64,
+        event_loop="asyncio",
     )
     assert config.asynchronous_processing == AsyncProcessingSection(
         max_concurrency=2, max_queue_length=1, default_timeout_ms=30_000, max_timeout_ms=3_600_000
@@ -332,6 +336,7 @@ BAD_VALUES = [
         "must be longer than zero",
     ),
     ("Server", "LogLevel", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("Server", "EventLoop", "trio", "must be one of auto, asyncio, uvloop"),
     ("Server", "MaxFrameBytes", "512", "must be between 1024 and 67108864"),
     ("Server", "SocketPath", "", "must not be empty"),
     ("Server", "TcpAddress", "7085", "expected host:port, e.g. 127.0.0.1:7085"),
@@ -525,6 +530,21 @@ def test_env_can_switch_tcp_off(tmp_path: Path) -> None:
     ini = f"[Server]\nTcpAddress = 127.0.0.1:7085\nAuthToken = {TOKEN}\n"
     config = load(tmp_path, ini, {"PBT_SERVER_TCPADDRESS": ""})
     assert config.server.tcp_address is None
+
+
+def test_uvloop_named_but_not_installed_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    text = config_error(tmp_path, "[Server]\nEventLoop = uvloop\n")
+    assert text.endswith(
+        "[Server] EventLoop = 'uvloop': uvloop is not installed:"
+        " pip install 'pbt-server[fast]' (or say auto)"
+    )
+    assert load(tmp_path, "[Server]\nEventLoop = auto\n").server.event_loop == "auto"
 
 
 # --- timespans ----------------------------------------------------------------------------
