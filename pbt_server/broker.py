@@ -71,6 +71,7 @@ from pbt_server.errors import (
     ServerBusy,
     ServerShuttingDown,
 )
+from pbt_server.eventloop import loop_factory
 from pbt_server.logs import BrokerLogging
 from pbt_server.pool import WorkerImage, WorkerPool, prepare_workers
 from pbt_server.protocol import (
@@ -537,7 +538,10 @@ def run_broker(
     try:
         # Before the loop exists and before any fork: workers inherit what this imports.
         image = prepare_workers(config.codeunits, config.database)
-        return asyncio.run(_main(config, logs, image, private_fds))
+        factory = loop_factory(config.server.event_loop)
+        log.info("event loop: %s", "asyncio" if factory is None else "uvloop")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_main(config, logs, image, private_fds))
     except (PbtError, ImportError, OSError) as err:
         log.critical("pbt-server failed: %s", err)
         return 1
