@@ -17,8 +17,9 @@ of CPU of every thread, the main thread apart; the user / kernel split from
 machine, though not immune (a busy neighbour slows caches and the hypervisor's steal counts
 as ours); the wall-clock p50 and the load average are printed alongside.
 
-``--variant NAME=TREE[,BROKER_TREE]`` (repeatable) compares source trees, e.g. an unpacked
-``git archive`` of the base commit against this checkout: the windows are interleaved, the
+``--variant NAME=TREE[,BROKER_TREE][@Section.Key=Value...]`` (repeatable) compares source
+trees, e.g. an unpacked ``git archive`` of the base commit against this checkout, or broker
+settings (``--variant plain=.@Server.EventLoop=asyncio``): the windows are interleaved, the
 order rotated each round, and each figure is also given as the median of its per-round
 ratios against the first variant. ``--repeat R`` runs R rounds.
 
@@ -253,17 +254,22 @@ class Variant:
     name: str
     client_tree: Path
     broker_tree: Path
+    settings: tuple[str, ...] = ()  # Section.Key=Value of this variant's broker
     broker: BrokerProcess | None = None
     client: subprocess.Popen[str] | None = None
     windows: list[Window] = field(default_factory=list)
 
     def start(
-        self, args: argparse.Namespace, root: Path, brokers: dict[Path, BrokerProcess]
+        self,
+        args: argparse.Namespace,
+        root: Path,
+        brokers: dict[tuple[Path, tuple[str, ...]], BrokerProcess],
     ) -> None:
-        broker = brokers.get(self.broker_tree)
+        settings = (*args.set, *self.settings)
+        broker = brokers.get((self.broker_tree, settings))
         if broker is None:
-            broker = BrokerProcess.start("breakdown", _settings(args.set), root, self.broker_tree)
-            brokers[self.broker_tree] = broker
+            broker = BrokerProcess.start("breakdown", _settings(settings), root, self.broker_tree)
+            brokers[(self.broker_tree, settings)] = broker
         self.broker = broker
         script = Path(__file__).with_name("breakdown_client.py")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PBT_")}
@@ -353,14 +359,14 @@ def _variants(specs: Sequence[str]) -> list[Variant]:
         return [Variant("this tree", REPO, REPO)]
     variants = []
     for spec in specs:
-        name, eq, trees = spec.partition("=")
+        name, eq, rest = spec.partition("=")
         if not eq:
             raise SystemExit(f"--variant wants NAME=CLIENT_TREE[,BROKER_TREE], not {spec!r}")
+        trees, *settings = rest.split("@")
         client, _, broker = trees.partition(",")
         client_tree = Path(client).resolve()
-        variants.append(
-            Variant(name, client_tree, Path(broker).resolve() if broker else client_tree)
-        )
+        broker_tree = Path(broker).resolve() if broker else client_tree
+        variants.append(Variant(name, client_tree, broker_tree, tuple(settings)))
     return variants
 
 
@@ -368,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="pbt-breakdown-", dir="/tmp"))
     spy_dir = Path(args.py_spy) if args.py_spy else None
     variants = _variants(args.variant)
-    brokers: dict[Path, BrokerProcess] = {}
+    brokers: dict[tuple[Path, tuple[str, ...]], BrokerProcess] = {}
     try:
         for variant in variants:
             variant.start(args, root, brokers)
@@ -499,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME=CLIENT_TREE[,BROKER_TREE]",
-        help="compare source trees (interleaved; the first is the baseline)",
+        metavar="NAME=CLIENT_TREE[,BROKER_TREE][@Section.Key=Value...]",
+        help="compare source trees or settings (interleaved; the first is the baseline)",
     )
     parser.add_argument("--strace", action="store_true", help="count syscalls (slows the run)")
     parser.add_argument("--py-spy", metavar="DIR", help="record py-spy profiles into DIR")
