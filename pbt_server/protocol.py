@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import reprlib
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -141,9 +142,21 @@ class ErrorLevel(StrEnum):
 # --- framing ------------------------------------------------------------------------------
 
 
+_packers = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's packer: building one per message costs as much as the packing."""
+    try:
+        packer: msgpack.Packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
 def encode_frame(message: Mapping[str, object]) -> bytes:
     """Pack ``message`` as one length-prefixed frame."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body = _packer().pack(message)
     return _HEADER.pack(len(body)) + body
 
 
@@ -676,7 +689,7 @@ def pipe_unpacker(max_buffer: int = PIPE_BUFFER) -> msgpack.Unpacker:
 
 
 def pack(message: Mapping[str, object]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    return _packer().pack(message)
 
 
 # --- the docstring's tables, generated from the declarations ------------------------------
