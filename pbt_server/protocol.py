@@ -200,8 +200,32 @@ class FrameDecoder:
         raised, so a good request in the same read as garbage is still answered. Iterate to
         the end (or stop using the decoder): the buffer is trimmed when iteration finishes.
         """
+        if not self._buffer:
+            return self._direct(data)
         self._buffer += data
         return self._frames()
+
+    def _direct(self, data: bytes) -> Iterator[Message]:
+        """The frames of ``data`` when nothing was pending (the usual read): unpacked from
+        it as it is; only a partial frame at its end is kept, in the buffer."""
+        offset = 0
+        size = len(data)
+        try:
+            while size - offset >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(data, offset)
+                if length == 0 or length > self.max_frame:
+                    raise ProtocolError(
+                        f"frame of {length} bytes refused (limit {self.max_frame} bytes)"
+                    )
+                end = offset + _HEADER.size + length
+                if size < end:
+                    break
+                message = self._unpack(data[offset + _HEADER.size : end])
+                offset = end
+                yield message
+        finally:
+            if offset < size:
+                self._buffer += memoryview(data)[offset:]
 
     def _frames(self) -> Iterator[Message]:
         buffer = self._buffer
@@ -226,7 +250,7 @@ class FrameDecoder:
             if offset:
                 del buffer[:offset]  # one shrink per read, never a copy per frame
 
-    def _unpack(self, body: memoryview) -> Message:
+    def _unpack(self, body: memoryview | bytes) -> Message:
         try:
             message = msgpack.unpackb(body, raw=False, strict_map_key=True, **self._limits)
         except Exception as err:  # msgpack raises ValueError, TypeError, StackError, ...
