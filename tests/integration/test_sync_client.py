@@ -9,6 +9,7 @@ ConnectionLost; a trigger may wait for another task, or close the session.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -84,20 +85,31 @@ def test_triggers_run_only_after_the_call_that_returned_their_task_id(
     ran: list[int] = []
 
     def trigger(task_id: int, results: dict[str, str]) -> None:
+        # Still inside the enqueue call's request (waiting for its reply, or taking it)?
+        # (Its last bytecodes, the return itself, may run still: no dispatcher can wait for a
+        # frame to end, so the call marks its TaskId returned just before it returns.)
         frame = sys._current_frames().get(caller)
         while frame is not None:
-            if frame.f_code.co_name == "enqueue_background_task":
+            if frame.f_code.co_name == "_request":
                 task = frame.f_locals.get("task")
                 if isinstance(task, BackgroundTask) and task.id == task_id:
-                    early.append(task_id)  # the call that returns this id is still running
+                    early.append(task_id)
             frame = frame.f_back
         ran.append(task_id)
 
     with broker.connect() as session:
         page = session.open_page("P")
         page.on_completed = trigger
-        # No-ops end at once: their outcome often arrives in the same read as the reply.
-        tasks = [page.enqueue_background_task(cu.NOOP) for _ in range(200)]
+
+        def tap(message: dict[str, Any]) -> None:
+            # The enqueue's reply: hold its reader until the outcome is on the socket too, so
+            # that one read brings both and the trigger is due before the call returns (unless
+            # this read holds the outcome already: then nothing comes, hence the short wait).
+            if message["op"] == "reply" and "timeout" in message:
+                select.select([session._sock], [], [], 0.1)
+
+        session._core.tap = tap
+        tasks = [page.enqueue_background_task(cu.NOOP) for _ in range(40)]
         wait_until(lambda: len(ran) == len(tasks))
     assert early == []
     assert sorted(ran) == [task.id for task in tasks]
