@@ -185,6 +185,7 @@ _WAITING: Final = frozenset(
         "waitpid",
         "wait4",
         "__futex_abstimed_wait_common",
+        "epoll_pwait",
     }
 )
 
