@@ -732,6 +732,7 @@ class BackgroundTask(TaskBase[Page]):
     def _wait(self, timeout: float | None) -> None:
         if not self._done and not self._signal.is_set:
             session = self.page.session
+            session._check_process()  # a forked child must not read its parent's socket
             deadline = None if timeout is None else time.monotonic() + timeout
             me = waiter()
             with session._lock:

@@ -13,6 +13,7 @@ import select
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from pbt_server.client import (
     BackgroundTask,
     BackgroundTaskCanceled,
+    ClientClosed,
     ConnectionLost,
     Page,
     Session,
@@ -356,3 +358,29 @@ def test_manual_dispatch_runs_triggers_only_in_process_events(broker: BrokerProc
         wait_until(lambda: session.process_events(timeout=0.1) or ran)
         assert ran == [task.id]
         assert session.process_events() == 0
+
+
+def test_a_forked_child_cannot_wait_on_its_parents_handles(broker: BrokerProcess) -> None:
+    with broker.connect() as session:
+        page = session.open_page("P")
+        task = page.enqueue_background_task(cu.SLEEP, {"seconds": "0.5"})
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+            pid = os.fork()
+        if pid == 0:  # the child: it must not read the parent's socket
+            code = 3
+            try:
+                task.result(timeout=5)
+            except ClientClosed:
+                code = 0
+            except BaseException:
+                code = 2
+            os.write(write, bytes([code]))
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 1) == bytes([0])
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert task.result(timeout=10)["slept"] == "0.5"  # the parent's stream is intact
+        session.ping()
