@@ -144,7 +144,9 @@ def start_py_spy(name: str, pid: int, directory: Path) -> Tracer:
 
 
 def stop(tracer: Tracer) -> None:
-    tracer.process.send_signal(signal.SIGINT)
+    if tracer.process.poll() is not None:
+        return
+    tracer.process.send_signal(signal.SIGINT)  # both write their output on SIGINT
     try:
         tracer.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -324,17 +326,21 @@ class Variant:
 def measure(variant: Variant, tasks: int, tracers: Callable[[str, int], Tracer] | None) -> Window:
     named = variant.processes()
     running: list[Tracer] = []
-    if tracers is not None:
-        running = [tracers(name, pid) for name, pid in named.items()]
-        deadline = time.monotonic() + 10
-        while not all(traced(pid) for pid in named.values()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)
-    before = {name: cpu_of(pid) for name, pid in named.items()}
-    samples, elapsed = variant.go()
-    after = {name: cpu_of(pid) for name, pid in named.items()}
-    for tracer in running:
-        stop(tracer)
+    try:
+        if tracers is not None:
+            for name, pid in named.items():
+                running.append(tracers(name, pid))
+            deadline = time.monotonic() + 10
+            while not all(traced(pid) for pid in named.values()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+        before = {name: cpu_of(pid) for name, pid in named.items()}
+        samples, elapsed = variant.go()
+        after = {name: cpu_of(pid) for name, pid in named.items()}
+    finally:
+        # Also when the window failed: a tracer left attached keeps its process stopped.
+        for tracer in running:
+            stop(tracer)
     usages = [usage(name, before[name], after[name], tasks) for name in named]
     us = [s * 1e6 for s in samples]
     window = Window(usages, percentile(us, 50), percentile(us, 99), tasks / elapsed)
