@@ -67,8 +67,9 @@ class BrokerProcess:
         return self.process.pid
 
     @classmethod
-    def start(cls, name: str, settings: Settings, root: Path) -> BrokerProcess:
-        """A broker with ``BROKER_BASE`` + ``settings``, its files under ``root``."""
+    def start(cls, name: str, settings: Settings, root: Path, repo: Path = REPO) -> BrokerProcess:
+        """A broker with ``BROKER_BASE`` + ``settings``, its files under ``root``; the
+        ``pbt_server`` it runs is ``repo``'s (``benchmarks/breakdown.py`` compares trees)."""
         directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
         with sqlite3.connect(directory / "bench.db") as db:
             db.execute("CREATE TABLE customer (id INTEGER PRIMARY KEY, name TEXT)")
@@ -90,7 +91,7 @@ class BrokerProcess:
         with open(directory / "stderr.txt", "wb") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pbt_server", "run", "--daemon", "--config", str(ini)],
-                cwd=REPO,  # the working directory is importable: benchmarks.codeunits
+                cwd=repo,  # the working directory is importable: benchmarks.codeunits
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

@@ -35,8 +35,9 @@ Lifecycle:
    ``ChildSessionCrashed``; RSS over ``MaxMemoryMB`` -> killed, ``ChildSessionMemoryLimit``;
    cancel (by id, record change, page close, disconnect) -> no trigger; a running task's
    slot gets the standby at once, and its worker is killed only if the task runs on past
-   ``CancelGrace`` (its answer is dropped; a worker that ends in time is reused). A task that left something behind in its worker gets its outcome,
-   and the worker is retired before it takes another task;
+   ``CancelGrace`` (its answer is dropped; a worker that ends in time is reused). A task
+   that left something behind in its worker gets its outcome, and the worker is retired
+   before it takes another task;
 7. stop (SIGTERM, SIGINT): stop listening, cancel every task (``ServerShuttingDown``), tell
    the clients, stop the workers, flush the connections for a bounded time, remove the socket.
    SIGUSR1 reopens the log file (logrotate);
@@ -81,6 +82,7 @@ from pbt_server.errors import (
     ServerBusy,
     ServerShuttingDown,
 )
+from pbt_server.eventloop import loop_factory
 from pbt_server.events import Event, event, task_event
 from pbt_server.logs import BrokerLogging
 from pbt_server.pool import WorkerImage, WorkerPool, prepare_workers
@@ -848,7 +850,10 @@ def run_broker(
     try:
         # Before the loop exists and before any fork: workers inherit what this imports.
         image = prepare_workers(config.codeunits, config.database)
-        return asyncio.run(_main(config, logs, image, private_fds, watch))
+        factory = loop_factory(config.server.event_loop)
+        log.info("event loop: %s", "asyncio" if factory is None else "uvloop")
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_main(config, logs, image, private_fds, watch))
     except (PbtError, ImportError, OSError) as err:
         log.critical("pbt-server failed: %s", err)
         return 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import configparser
 import dataclasses
+import importlib.util
 import keyword
 import os
 import re
@@ -150,6 +151,18 @@ def _choice(*choices: str) -> Callable[[str], str]:
         return text.lower()
 
     return convert
+
+
+_EVENT_LOOPS: Final = ("auto", "asyncio", "uvloop")
+
+
+def _event_loop(text: str) -> str:
+    choice = text.lower()
+    if choice not in _EVENT_LOOPS:
+        raise ValueError(f"must be one of {', '.join(_EVENT_LOOPS)}")
+    if choice == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError("uvloop is not installed: pip install 'pbt-server[fast]' (or say auto)")
+    return choice
 
 
 def _log_level(text: str) -> str:
@@ -437,6 +450,14 @@ class ServerSection(Section):
         "serve Prometheus metrics (/metrics), a health check (/health) and the live dashboard"
         " (/) over HTTP on host:port; empty = off; needs pbt-server[metrics]; no"
         " authentication, so bind it to an internal address",
+        restart=True,
+    )
+    event_loop: str = key(
+        "EventLoop",
+        "auto",
+        _event_loop,
+        "the broker's event loop: uvloop (the fast extra: pip install 'pbt-server[fast]'),"
+        " asyncio, or auto: uvloop if installed",
         restart=True,
     )
 

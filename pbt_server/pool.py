@@ -597,6 +597,7 @@ class WorkerPool:
         worker.state = WorkerState.RETIRING  # DRAINING -> RETIRING: exits on EOF
         self._close_job_pipe(worker)
         self.loop.call_later(RETIRE_GRACE, self._kill_if_retiring, worker)
+        self.replace(STANDBY)
 
     def abort_with_stack(self, task: Task, reason: str, then: Callable[[str], None]) -> None:
         """Like :meth:`abort`, but first ask the worker for its threads' Python stacks; call
@@ -987,8 +988,11 @@ class WorkerPool:
             return
         self._ended(cause)
         proctree.kill_tree(worker.pid, worker.pidfd)
-        # A retiring one was replaced already; the standby is replaced as a standby.
+        # A retiring one was replaced already; the standby is replaced as a standby; a
+        # draining one was to become the standby.
         owned_slot = worker is self.standby or self._owns_slot(worker)
+        if worker.state is WorkerState.DRAINING:
+            self.replace(STANDBY)
         self._detach(worker, WorkerState.KILLED)
         # A cancel's kill is a page's everyday business (a record change): DEBUG.
         log.log(
@@ -1072,6 +1076,8 @@ class WorkerPool:
             self._ended("timeout")
             self.replace(worker.slot)
             return
+        if previous is WorkerState.DRAINING:
+            self.replace(STANDBY)  # it was to become the standby
         if previous in _ENDED_BY_US or self._stopping:
             return
         how = describe_exit(code)
@@ -1117,6 +1123,8 @@ class WorkerPool:
     def _respawn_if_empty(self, slot: int) -> None:
         if self._stopping or slot >= len(self.slots):
             return
+        if slot == STANDBY and any(w.state is WorkerState.DRAINING for w in self._others):
+            return  # a worker finishing a cancelled task becomes the standby, or says so
         if (self.standby if slot == STANDBY else self.slots[slot]) is None:
             self._spawn(slot)
 

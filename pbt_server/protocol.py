@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import reprlib
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -147,9 +148,21 @@ class ErrorLevel(StrEnum):
 # --- framing ------------------------------------------------------------------------------
 
 
+_packers = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's packer: building one per message costs as much as the packing."""
+    try:
+        packer: msgpack.Packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
 def encode_frame(message: Mapping[str, object]) -> bytes:
     """Pack ``message`` as one length-prefixed frame."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body = _packer().pack(message)
     return _HEADER.pack(len(body)) + body
 
 
@@ -193,8 +206,32 @@ class FrameDecoder:
         raised, so a good request in the same read as garbage is still answered. Iterate to
         the end (or stop using the decoder): the buffer is trimmed when iteration finishes.
         """
+        if not self._buffer:
+            return self._direct(data)
         self._buffer += data
         return self._frames()
+
+    def _direct(self, data: bytes) -> Iterator[Message]:
+        """The frames of ``data`` when nothing was pending (the usual read): unpacked from
+        it as it is; only a partial frame at its end is kept, in the buffer."""
+        offset = 0
+        size = len(data)
+        try:
+            while size - offset >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(data, offset)
+                if length == 0 or length > self.max_frame:
+                    raise ProtocolError(
+                        f"frame of {length} bytes refused (limit {self.max_frame} bytes)"
+                    )
+                end = offset + _HEADER.size + length
+                if size < end:
+                    break
+                message = self._unpack(data[offset + _HEADER.size : end])
+                offset = end
+                yield message
+        finally:
+            if offset < size:
+                self._buffer += memoryview(data)[offset:]
 
     def _frames(self) -> Iterator[Message]:
         buffer = self._buffer
@@ -219,7 +256,7 @@ class FrameDecoder:
             if offset:
                 del buffer[:offset]  # one shrink per read, never a copy per frame
 
-    def _unpack(self, body: memoryview) -> Message:
+    def _unpack(self, body: memoryview | bytes) -> Message:
         try:
             message = msgpack.unpackb(body, raw=False, strict_map_key=True, **self._limits)
         except Exception as err:  # msgpack raises ValueError, TypeError, StackError, ...
@@ -727,7 +764,7 @@ def pipe_unpacker(max_buffer: int = PIPE_BUFFER) -> msgpack.Unpacker:
 
 
 def pack(message: Mapping[str, object]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    return _packer().pack(message)
 
 
 # --- the docstring's tables, generated from the declarations ------------------------------

@@ -10,13 +10,16 @@
         task = page.enqueue_background_task(50100, {"Wait": "1000"}, error_level=ErrorLevel.WARNING)
         print(task.result(timeout=5))
 
-A session has a reader thread, ``pbt-client-reader``, that reads the socket and resolves
-replies and task handles, and pings the broker when the line is quiet (a broker that stopped
-answering fails the pending handles with ``ConnectionLost``). Triggers and notifications run
-one at a time, in completion order, on the session's dispatcher: a thread of its own
-(``dispatch="thread"``, ``pbt-client-dispatch``), or the application's own thread, only when
-it calls :meth:`Session.process_events` (``dispatch="manual"``: triggers run only while the
-application is idle, as Business Central runs them; ``events_fd()`` lets a GUI's loop wait).
+A caller waiting for a reply or a result reads the socket itself when no other thread is
+reading (leader/follower, ``_line.py``): an answer costs no thread switch. When nobody waits,
+the session's reader thread, ``pbt-client-reader``, reads instead, so outcomes arrive and
+triggers run whatever the application does, and it pings the broker when the line is quiet
+(a broker that stopped answering fails the pending handles with ``ConnectionLost``).
+Triggers and notifications run one at a time, in completion order, on the session's
+dispatcher: a thread of its own (``dispatch="thread"``, ``pbt-client-dispatch``), or the
+application's own thread, only when it calls :meth:`Session.process_events`
+(``dispatch="manual"``: triggers run only while the application is idle, as Business Central
+runs them; ``events_fd()`` lets a GUI's loop wait).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from pbt_server.client._core import (
     DEFAULT_KEEPALIVE,
@@ -42,6 +45,7 @@ from pbt_server.client._core import (
     Core,
     Notification,
     PageBase,
+    PendingRequest,
     SessionBase,
     TaskBase,
     Work,
@@ -49,11 +53,13 @@ from pbt_server.client._core import (
     check_text,
     describe_address,
     is_due,
+    needs_dispatch,
     refuse_in_child_session,
     resolve_addresses,
     run_dispatch,
     status_fields,
 )
+from pbt_server.client._line import Line, Signal, Waiter, waiter
 from pbt_server.errors import (
     AuthenticationFailed,
     BackgroundTaskCanceled,
@@ -66,7 +72,6 @@ from pbt_server.errors import (
     NotAllowed,
     PageClosed,
     PbtError,
-    ProtocolError,
     QueueFull,
     ServerBusy,
     ServerShuttingDown,
@@ -98,35 +103,7 @@ __all__ = [
     "connect",
 ]
 
-_RECV_SIZE: Final = 64 * 1024  # under malloc's mmap threshold: no mmap per recv
 Dispatch = Literal["thread", "manual"]
-
-
-class _Latch:
-    """A one-shot event on a bare lock: cheaper than ``threading.Event`` on the hot path."""
-
-    __slots__ = ("_lock", "_set")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self._set = False
-
-    def set(self) -> None:
-        if not self._set:  # idempotent: an outcome may signal on arrival and on decision
-            self._set = True
-            self._lock.release()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._set:
-            return True
-        if timeout is None:
-            acquired = self._lock.acquire()
-        else:
-            acquired = self._lock.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
-        if acquired:
-            self._lock.release()  # let every other waiter through too
-        return acquired
 
 
 def connect(
@@ -249,12 +226,25 @@ class _ThreadDispatcher:
         self._core = core
         self._lock = lock
         self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._blocked: tuple[TaskBase[Any], Waiter] | None = None  # waits for its TaskId
         self.thread = threading.Thread(target=self._run, name="pbt-client-dispatch", daemon=True)
         self.thread.start()
 
     def put(self, work: list[Work]) -> None:
         for item in work:
-            self._queue.put(item)
+            if needs_dispatch(item):
+                self._queue.put(item)
+
+    def returned(self, task: TaskBase[Any]) -> None:
+        """(session lock held) The call that enqueued ``task`` returns: its trigger may run."""
+        task._returned = True
+        if self._blocked is not None and self._blocked[0] is task:
+            self._blocked[1].wake()
+
+    def ended(self) -> None:
+        """(session lock held) Every task was decided: none waits for its TaskId any more."""
+        if self._blocked is not None:
+            self._blocked[1].wake()
 
     def stop(self) -> None:
         self._queue.put(None)  # after any queued work: it is decided cancelled or lost
@@ -266,10 +256,25 @@ class _ThreadDispatcher:
     def _run(self) -> None:
         while (work := self._queue.get()) is not None:
             if not is_due(work):
-                assert isinstance(work, BackgroundTask)
-                work._returned_latch.wait()  # the caller has its TaskId before the trigger
+                assert isinstance(work, TaskBase)
+                self._wait_returned(work)  # the caller has its TaskId before the trigger
             self.put(_decided(self._core, self._lock, work))
             run_dispatch(self._core.dispatch(work))
+
+    def _wait_returned(self, task: TaskBase[Any]) -> None:
+        me = waiter()
+        try:
+            while True:
+                with self._lock:
+                    me.rearm()
+                    if is_due(task):
+                        return
+                    self._blocked = (task, me)
+                me.sleep(None)
+        finally:
+            with self._lock:
+                self._blocked = None
+                me.rearm()
 
 
 def _decided(core: Core, lock: threading.Lock, work: Work) -> list[Work]:
@@ -292,9 +297,16 @@ class _ManualDispatcher:
         self._stopped = False
 
     def put(self, work: list[Work]) -> None:
+        work = [item for item in work if needs_dispatch(item)]
         if work:
             self._due.extend(work)
             os.eventfd_write(self._fd, 1)
+
+    def returned(self, task: TaskBase[Any]) -> None:
+        task._returned = True
+
+    def ended(self) -> None:
+        pass
 
     def stop(self) -> None:
         self._stopped = True
@@ -320,7 +332,9 @@ class _ManualDispatcher:
                 os.eventfd_write(self._fd, 1)
                 break
             self._due.popleft()
-            self._due.extend(_decided(self._core, self._lock, work))
+            self._due.extend(
+                item for item in _decided(self._core, self._lock, work) if needs_dispatch(item)
+            )
             run_dispatch(self._core.dispatch(work))
             ran += 1
         return ran
@@ -351,17 +365,25 @@ class Session(SessionBase):
         super().__init__(Core(max_frame=max_frame), address)
         self._sock = sock
         self._decoder = FrameDecoder(max_frame, trusted=True)
-        self._lock = threading.Lock()  # guards the core (reader thread vs callers)
-        self._send_lock = threading.Lock()  # one whole frame at a time on the socket
-        self._keepalive = keepalive or None
+        self._lock = threading.Lock()  # guards the core and the line (reader vs callers)
         self._forked = False
         self._dispatcher: _ThreadDispatcher | _ManualDispatcher = (
             _ThreadDispatcher(self._core, self._lock)
             if dispatch == "thread"
             else _ManualDispatcher(self._core, self._lock)
         )
-        self._reader = threading.Thread(target=self._read, name="pbt-client-reader", daemon=True)
-        self._reader.start()
+        self._line = Line(
+            sock,
+            describe_address(address),
+            self._core,
+            self._lock,
+            self._decoder,
+            keepalive or None,
+            self._dispatcher.put,
+            self._dispatcher.stop,
+        )
+        self._reader = self._line.reader
+        self._line.start()
         _sessions.add(self)
 
     def open_page(self, name: str, record_id: str = "") -> Page:
@@ -450,8 +472,9 @@ class Session(SessionBase):
         with self._lock:
             self._core.close()
             work = self._core.take_work()
+            self._dispatcher.ended()
         self._dispatcher.put(work)
-        self._shutdown()  # wakes the reader
+        self._line.shutdown()  # whoever reads sees the end; the reader thread closes
         if threading.current_thread() is not self._reader:
             self._reader.join()
         self._dispatcher.join()
@@ -499,99 +522,44 @@ class Session(SessionBase):
         timeout: float | None = None,
     ) -> dict[str, Any]:
         self._check_process()
-        latch = _Latch()
+        signal = Signal()
+        me = waiter()
+        line = self._line
         with self._lock:
-            pending, frame = self._core.request(op, fields, latch, task)
-        self._send(frame)
-        if not latch.wait(timeout):
+            pending, frame = self._core.request(op, fields, signal, task)
+            line.enlist(me, signal)  # leading already, if nobody reads: no switch for the answer
+        try:
+            line.send(frame, me)
+        except BaseException as err:
             with self._lock:
-                self._core.abandon(pending)
+                line.withdraw(me, signal)
+            if isinstance(err, OSError):
+                line.end(f"sending to {describe_address(self._address)}: {err}")
+                with self._lock:
+                    error = self._core.ended_error()
+                raise error from err
+            raise
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            answered = line.wait(me, signal, deadline)
+        except BaseException:
+            # Interrupted (Ctrl-C, an exception from a signal handler): nobody will take the
+            # answer, and a task it enqueued must not live on without an owner.
+            self._abandon(pending)
+            raise
+        if not answered:
+            self._abandon(pending)
             raise TimeoutError(f"no answer to {op} within {timeout} s")
         return pending.result()
 
-    def _send(self, frame: bytes) -> None:
-        try:
-            with self._send_lock:
-                self._sock.sendall(frame)
-        except OSError as err:
-            with self._lock:
-                self._core.connection_lost(f"sending to {describe_address(self._address)}: {err}")
-                error = self._core.ended_error()
-                work = self._core.take_work()
-            self._dispatcher.put(work)
-            self._shutdown()
-            raise error from err
-
-    def _shutdown(self) -> None:
-        with contextlib.suppress(OSError):  # already closed by the reader
-            self._sock.shutdown(socket.SHUT_RDWR)
-
-    def _read(self) -> None:
-        sock, decoder, core, lock = self._sock, self._decoder, self._core, self._lock
-        reason: str | None = "the client's reader stopped"
-        pinged_at: float | None = None
-        keepalive = self._keepalive
-        try:
-            sock.settimeout(keepalive)
-            while True:
-                try:
-                    data = sock.recv(_RECV_SIZE)
-                except TimeoutError:
-                    if pinged_at is not None:
-                        reason = f"the server did not answer a keepalive ping within {keepalive} s"
-                        break
-                    pinged_at = time.monotonic()
-                    self._ping_quietly()
-                    continue
-                pinged_at = None
-                if not data:
-                    reason = None  # a clean end of stream
-                    if decoder.pending:
-                        reason = (
-                            f"the connection ended inside a frame ({decoder.pending} bytes of"
-                            " it arrived): truncated"
-                        )
-                    break
-                with lock:
-                    for message in decoder.feed(data):
-                        core.receive(message)
-                    work = core.take_work()
-                    orphans = core.take_orphans()
-                self._dispatcher.put(work)
-                for frame in orphans:
-                    self._send_quietly(frame)
-        except ConnectionLost as err:
-            reason = err.text
-        except ProtocolError as err:
-            reason = f"bad frame from the server: {err.text}"
-        except OSError as err:
-            reason = f"connection to {describe_address(self._address)} broke: {err}"
-        finally:
-            with lock:
-                core.connection_lost(reason)  # no-op after close()
-                work = core.take_work()
-            self._dispatcher.put(work)
-            self._shutdown()  # fails a sendall blocked on a peer that stopped reading
-            with self._send_lock:
-                sock.close()
-            self._dispatcher.stop()
-
-    def _ping_quietly(self) -> None:
+    def _abandon(self, pending: PendingRequest) -> None:
         with self._lock:
-            if self._core.ended:
-                return
-            _, frame = self._core.request("ping", {}, _Latch())
-        self._send_quietly(frame)
-
-    def _send_quietly(self, frame: bytes) -> None:
-        # From the reader: never wait behind a caller stuck sending to a broker that does
-        # not read (the missing answer to the ping says as much).
-        if self._send_lock.acquire(blocking=False):
-            try:
-                with contextlib.suppress(OSError):
-                    self._sock.sendall(frame)
-            finally:
-                self._send_lock.release()
+            self._core.abandon(pending)
+            orphans = self._core.take_orphans()
+            work = self._core.take_work()
+        self._dispatcher.put(work)
+        for frame in orphans:
+            self._line.send_quietly(frame)
 
 
 class Page(PageBase):
@@ -644,9 +612,13 @@ class Page(PageBase):
             fields = session._core.enqueue(
                 self, task, codeunit_id, parameters, timeout, error_level
             )
-        session._request("enqueue", fields, task)
-        task._returned = True
-        task._returned_latch.set()
+        try:
+            session._request("enqueue", fields, task)
+        finally:
+            # Also when the call fails or is interrupted: the dispatcher must not wait for
+            # a TaskId that will never be returned (the task is cancelled, or was refused).
+            with session._lock:
+                session._dispatcher.returned(task)
         return task
 
     def try_enqueue_background_task(
@@ -733,10 +705,10 @@ class Page(PageBase):
 class BackgroundTask(TaskBase[Page]):
     """The handle of an enqueued task: a future resolved exactly once."""
 
+    _signal: Signal
+
     def __init__(self, page: Page) -> None:
-        self._latch = _Latch()
-        self._returned_latch = _Latch()
-        super().__init__(page, self._latch)
+        super().__init__(page, Signal())
 
     def done(self) -> bool:
         """Return True once the task has its outcome (results, error or cancellation).
@@ -778,8 +750,15 @@ class BackgroundTask(TaskBase[Page]):
         return self.page.cancel_background_task(self.id)
 
     def _wait(self, timeout: float | None) -> None:
-        if not self._done and not self._latch.wait(timeout):
-            raise TimeoutError(f"task {self.id} has no outcome after {timeout} s")
+        if not self._done and not self._signal.is_set:
+            session = self.page.session
+            session._check_process()  # a forked child must not read its parent's socket
+            deadline = None if timeout is None else time.monotonic() + timeout
+            me = waiter()
+            with session._lock:
+                session._line.enlist(me, self._signal)
+            if not session._line.wait(me, self._signal, deadline, self):
+                raise TimeoutError(f"task {self.id} has no outcome after {timeout} s")
         self._decide()
 
     def _decide(self) -> None:

@@ -7,7 +7,8 @@
     broker frames ──(flavour reads)──> receive(message)
         reply / error    -> the PendingRequest is answered, its signal set
         completed/failed -> the outcome is stored on the task, its signal set (waiters
-                            wake), and the task becomes dispatch work
+                            wake), and the task becomes dispatch work (decided at once
+                            when it has no trigger to run)
         cancelled        -> the task is decided: cancelled; no trigger
         shutdown         -> remembered for the ConnectionLost text
     take_work() ──(the flavour's one dispatcher)──> dispatch(work): a generator that
@@ -17,10 +18,11 @@ One decision per task. An outcome that arrived is *decided* — the handle resol
 completed or failed, its trigger bound to run — at the first of: the dispatcher reaching it,
 a caller taking it from the handle (``result()``, ``exception()``), or the page moving on
 (``set_record``, ``close``, ``cancel_background_task``: then it is decided cancelled and no
-trigger runs). So a
-handle and its triggers always tell the same story, a waiting caller never waits on the
-dispatcher (a trigger may wait for another task without deadlock), and a page that moved on
-never gets a trigger for the record it left.
+trigger runs). An outcome with nothing to run (no trigger set on its page, no notification
+due) is decided where it arrives, as the dispatcher would at once. So a handle and its
+triggers always tell the same story, a waiting caller never waits on the dispatcher (a
+trigger may wait for another task without deadlock), and a page that moved on never gets a
+trigger for the record it left.
 
 TaskId first. A flavour runs a task's trigger only once the call that returned its TaskId has
 returned (``TaskBase.returned``): code that remembers the id and matches it in the trigger
@@ -613,6 +615,11 @@ class Core:
             error = BackgroundTaskCanceled(text, code=CancelReason.RECORD_CHANGED)
             self._decide(task, None, error)
             return
+        if not _has_trigger(task, error):
+            # Nothing would run for it: decided now, as the dispatcher would at once (and
+            # without a thread switch to it).
+            self._decide(task, results, error)
+            return
         task._arrived = (results, error)
         page._undecided[task.id] = task
         self._work.append(task)
@@ -818,6 +825,27 @@ class _NoSignal:
 def is_due(work: Work) -> bool:
     """A task's trigger may run once the call that returned its TaskId has returned."""
     return isinstance(work, PageBase) or work._returned or work._done
+
+
+def _has_trigger(task: TaskBase[Any], error: PbtError | None) -> bool:
+    """Whether an outcome (``error`` None: completed) has a trigger or a notification to
+    run, as its page is set up now."""
+    page = task.page
+    if error is None:
+        return page.on_completed is not None
+    if isinstance(error, BackgroundTaskError):
+        return page.on_error is not None or task.error_level is not ErrorLevel.IGNORE
+    return False  # cancelled or lost: never a trigger
+
+
+def needs_dispatch(work: Work) -> bool:
+    """Whether the dispatcher has anything to do for ``work``: a page's count to tell, an
+    undecided outcome to decide, or a decided one's trigger or notification. A task decided
+    before it was dispatched (its caller took it) with nothing to run is done with: the
+    dispatcher would only find that out, after a thread switch."""
+    if isinstance(work, PageBase) or not work._done:
+        return True
+    return _has_trigger(work, work._error)
 
 
 class SessionBase:

@@ -13,6 +13,12 @@
 The transport's protocol callbacks feed the shared core and resolve replies and handles;
 one dispatcher task runs triggers and notifications one at a time, in completion order. It
 works on any asyncio loop, uvloop's included.
+
+Cheap on the hot path: the socket is read into one buffer of the connection's
+(``BufferedProtocol``: no 256 KiB allocation per read, which glibc serves with mmap), and
+replies and outcomes wake their waiters through futures of the connection's loop
+(``asyncio.Event`` and ``asyncio.timeout`` look the loop up on each use, which on 3.11
+costs a ``getpid`` syscall each time).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import socket
 from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Final, cast
 
 # The names both flavours share come from the blocking one; __all__ is checked equal to its.
 from pbt_server.client import (
@@ -169,7 +175,46 @@ def _factory(connection: _Connection) -> Callable[[], _Connection]:
     return lambda: connection
 
 
-class _Connection(asyncio.Protocol):
+_RECV_SIZE: Final = 64 * 1024
+
+
+class _Flag:
+    """The core's signal in this flavour: an ``asyncio.Event`` whose loop is known."""
+
+    __slots__ = ("_loop", "_waiters", "is_set")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiters: list[asyncio.Future[None]] | None = None
+        self.is_set = False
+
+    def set(self) -> None:
+        if not self.is_set:  # idempotent: an outcome may signal on arrival and on decision
+            self.is_set = True
+            for waiter in self._waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def wait(self, seconds: float | None = None) -> None:
+        """Wait until set; TimeoutError after ``seconds`` (None: no limit)."""
+        if self.is_set:
+            return
+        waiter = self._loop.create_future()  # one per waiter: cancelling it cancels no other
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        try:
+            if seconds is None:
+                await waiter
+            else:
+                async with asyncio.timeout(seconds):
+                    await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+
+class _Connection(asyncio.BufferedProtocol):
     """The transport's callbacks: frames in, core updated, triggers queued."""
 
     def __init__(self, core: Core, max_frame: int, where: str, keepalive: float | None) -> None:
@@ -178,6 +223,8 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(max_frame, trusted=True)
         self.work: asyncio.Queue[Work | None] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
+        self._buffer = memoryview(bytearray(_RECV_SIZE))  # what the transport reads into
+        self._outbox: list[bytes] | None = None  # frames to write at the end of this turn
         self.disconnected = self.loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.keepalive = keepalive or None
@@ -194,6 +241,13 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.keepalive is not None:
             self._keepalive_timer = self.loop.call_later(self.keepalive, self._check_alive)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # A copy: the decoder may keep a partial frame, and the buffer is read into again.
+        self.data_received(bytes(self._buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self._heard = True
@@ -238,11 +292,21 @@ class _Connection(asyncio.Protocol):
         self.core.connection_lost(reason)
         self.flush()
         if self.transport is not None:
+            self.write_outbox()
             self.transport.close()
 
     def send(self, frame: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame)
+        # Frames sent in one turn of the loop go out in one write, at the end of the turn.
+        if self._outbox is None:
+            self._outbox = [frame]
+            self.loop.call_soon(self.write_outbox)
+        else:
+            self._outbox.append(frame)
+
+    def write_outbox(self) -> None:
+        frames, self._outbox = self._outbox, None
+        if frames and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _check_alive(self) -> None:
         assert self.keepalive is not None
@@ -254,7 +318,7 @@ class _Connection(asyncio.Protocol):
                 self.lose(text)
                 return
             self._pinged = True
-            _, frame = self.core.request("ping", {}, asyncio.Event())
+            _, frame = self.core.request("ping", {}, _Flag(self.loop))
             self.send(frame)
         self._heard = False
         self._keepalive_timer = self.loop.call_later(self.keepalive, self._check_alive)
@@ -346,6 +410,7 @@ class Session(SessionBase):
         connection = self._connection
         connection.flush()
         if connection.transport is not None:
+            connection.write_outbox()  # what this turn sent (cancels), before the close
             connection.transport.close()
             await connection.disconnected
         else:
@@ -387,12 +452,11 @@ class Session(SessionBase):
         task: TaskBase[Any] | None = None,
         seconds: float | None = None,
     ) -> dict[str, Any]:
-        event = asyncio.Event()
-        pending, frame = self._core.request(op, fields, event, task)
+        flag = _Flag(self._connection.loop)
+        pending, frame = self._core.request(op, fields, flag, task)
         self._connection.send(frame)
         try:
-            async with asyncio.timeout(seconds):
-                await event.wait()
+            await flag.wait(seconds)
         except BaseException:
             # Timed out or cancelled: a late answer is ignored, and a task it enqueued is
             # cancelled as soon as its id is known (no task without an owner).
@@ -406,7 +470,7 @@ class Session(SessionBase):
         while (work := await work_queue.get()) is not None:
             if isinstance(work, BackgroundTask):
                 if not is_due(work):
-                    await work._returned_event.wait()  # the caller has its TaskId first
+                    await work._returned_flag.wait()  # the caller has its TaskId first
                 # ... also a caller that awaits the enqueue through asyncio.wait_for or a
                 # task of its own, which resumes a loop turn or two after the call returned
                 for _ in range(_SETTLE_TURNS):
@@ -467,7 +531,7 @@ class Page(PageBase):
         fields = session._core.enqueue(self, task, codeunit_id, parameters, timeout, error_level)
         await session._request("enqueue", fields, task)
         task._returned = True
-        task._returned_event.set()
+        task._returned_flag.set()
         return task
 
     async def try_enqueue_background_task(
@@ -548,10 +612,12 @@ class Page(PageBase):
 class BackgroundTask(TaskBase[Page]):
     """The handle of an enqueued task: a future resolved exactly once."""
 
+    _signal: _Flag
+
     def __init__(self, page: Page) -> None:
-        self._event = asyncio.Event()
-        self._returned_event = asyncio.Event()
-        super().__init__(page, self._event)
+        loop = page.session._connection.loop
+        self._returned_flag = _Flag(loop)
+        super().__init__(page, _Flag(loop))
 
     def done(self) -> bool:
         """Return True once the task has its outcome (results, error or cancellation).
@@ -595,8 +661,7 @@ class BackgroundTask(TaskBase[Page]):
     async def _wait(self, seconds: float | None) -> None:
         if not self._done:
             try:
-                async with asyncio.timeout(seconds):
-                    await self._event.wait()
+                await self._signal.wait(seconds)
             except TimeoutError as err:
                 raise TimeoutError(f"task {self.id} has no outcome after {seconds} s") from err
         self._decide()

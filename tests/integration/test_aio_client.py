@@ -114,3 +114,49 @@ def test_aio_broker_killed_hard_fails_handles_with_connection_lost(start_broker)
     broker.process.wait(timeout=10)
     # PR_SET_PDEATHSIG: the workers died with their broker
     wait_until(lambda: not any(alive(pid) for pid in workers))
+
+
+def test_aio_requests_of_one_loop_turn_go_out_in_order(broker):
+    async def main() -> None:
+        async with await connect(str(broker.socket)) as session:
+            page = await session.open_page("P")
+            # All twenty requests are written in one turn of the loop, in one write.
+            tasks = await asyncio.gather(
+                *(page.enqueue_background_task(cu.ECHO, {"i": str(i)}) for i in range(20))
+            )
+            assert [task.id for task in tasks] == list(range(1, 21))
+            results = await asyncio.gather(*(task.result(timeout=10) for task in tasks))
+            assert results == [{"i": str(i)} for i in range(20)]
+
+    asyncio.run(main())
+
+
+def test_aio_a_cancelled_waiter_leaves_the_others_waiting(broker):
+    async def main() -> None:
+        async with await connect(str(broker.socket)) as session:
+            page = await session.open_page("P")
+            task = await page.enqueue_background_task(cu.SLEEP, {"seconds": "0.3"})
+            cancelled = asyncio.create_task(task.result())
+            other = asyncio.create_task(task.result())
+            await asyncio.sleep(0)  # both wait now
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            with pytest.raises(TimeoutError):
+                await task.result(timeout=0.01)  # a timed-out wait cancels nobody either
+            assert (await asyncio.wait_for(other, 10))["slept"] == "0.3"
+
+    asyncio.run(main())
+
+
+def test_aio_large_results_arrive_over_many_reads(start_broker):
+    broker = start_broker({"Server": {"MaxFrameBytes": str(4 << 20)}})
+
+    async def main() -> None:
+        async with await connect(str(broker.socket)) as session:
+            page = await session.open_page("P")
+            task = await page.enqueue_background_task(cu.BIG_RESULT, {"bytes": "2000000"})
+            assert len((await task.result(timeout=20))["blob"]) == 2_000_000
+            assert await (await page.enqueue_background_task(cu.NOOP)).result(timeout=10) == {}
+
+    asyncio.run(main())

@@ -50,7 +50,12 @@ def settled(broker: BrokerProcess) -> bool:
 @pytest.fixture
 def metrics_broker() -> Iterator[BrokerProcess]:
     broker = BrokerProcess.start(
-        {**METRICS, **MODULES, "Workers": {"Count": "2", "MaxMemoryMB": "100"}}
+        # CancelGrace 0: each cancel of a running task is a kill, counted the moment it happens
+        {
+            **METRICS,
+            **MODULES,
+            "Workers": {"Count": "2", "MaxMemoryMB": "100", "CancelGrace": "00:00:00"},
+        }
     )
     try:
         yield broker

@@ -1,4 +1,5 @@
-"""uvloop (uvicorn's loop with ``uvicorn[standard]``): the asyncio client and the broker run on it.
+"""uvloop (``[Server] EventLoop``, the ``fast`` extra; uvicorn's loop with ``uvicorn[standard]``):
+the broker and the asyncio client run on it, and the broker still runs on asyncio's own loop.
 
 uvloop's transports do not subclass ``asyncio.Transport``; both ends used to assert they did.
 """
@@ -6,7 +7,6 @@ uvloop's transports do not subclass ``asyncio.Transport``; both ends used to ass
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar
 
 import pytest
 import uvloop
@@ -14,17 +14,6 @@ import uvloop
 from pbt_server.client import BackgroundTaskCanceled
 from pbt_server.client.aio import connect
 from tests import codeunits as cu
-from tests.broker_process import BrokerProcess
-
-
-class UvloopBroker(BrokerProcess):
-    RUNNER: ClassVar[tuple[str, ...]] = (
-        "-c",
-        "import asyncio, sys, uvloop\n"
-        "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
-        "from pbt_server.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))",
-    )
 
 
 async def _round_trips(socket: str) -> None:
@@ -50,10 +39,9 @@ def test_aio_client_runs_on_uvloop(broker):
     uvloop.run(main())
 
 
-def test_broker_runs_on_uvloop():
-    broker = UvloopBroker.start()
-    try:
-        asyncio.run(_round_trips(str(broker.socket)))
-        assert broker.stop() == 0, broker.log_text()
-    finally:
-        broker.cleanup()
+@pytest.mark.parametrize("choice", ["uvloop", "asyncio", "auto"])
+def test_broker_runs_on_the_event_loop_its_config_names(start_broker, choice):
+    broker = start_broker({"Server": {"EventLoop": choice}})
+    asyncio.run(_round_trips(str(broker.socket)))
+    expected = "asyncio" if choice == "asyncio" else "uvloop"  # installed here: auto takes it
+    assert f"event loop: {expected}\n" in broker.log_text()

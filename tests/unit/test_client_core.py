@@ -208,7 +208,7 @@ def test_the_tap_sees_every_frame_before_it_is_applied() -> None:
     core = new_core()
     task = enqueue(core, new_page(core), 1)
     seen: list[tuple[str, bool]] = []
-    core.tap = lambda message: seen.append((message["op"], task._arrived is not None))
+    core.tap = lambda message: seen.append((message["op"], task._done))
     core.receive(completed(1, A="1"))
     core.receive({"op": "shutdown", "code": "ServerShuttingDown", "text": "bye"})
     assert seen == [("completed", False), ("shutdown", True)]
@@ -230,11 +230,40 @@ def test_arrival_wakes_waiters_and_the_first_look_decides() -> None:
     assert task._outcome() == {"Count": "3"}
 
 
-def test_an_outcome_without_trigger_is_decided_at_dispatch() -> None:
+def test_an_outcome_with_nothing_to_run_is_decided_on_arrival() -> None:
     core = new_core()
-    task = enqueue(core, new_page(core), 1)
-    dispatch_all(core, arrive(core, completed(1)))
+    page = new_page(core)
+    task = enqueue(core, page, 1)
+    assert arrive(core, completed(1)) == []  # no trigger: nothing for the dispatcher
+    assert task._done
+    assert signal_count(task) == 1
     assert task._outcome() == {}
+    ignored = enqueue(core, page, 2, ErrorLevel.IGNORE)
+    assert arrive(core, failed(2)) == []  # no error trigger, and nobody to notify
+    assert ignored._done
+    core.set_record(page, "Customer: 20000")  # decided outcomes stay what they were
+    assert task._outcome() == {}
+    with pytest.raises(BackgroundTaskError):
+        ignored._outcome()
+
+
+@pytest.mark.parametrize("trigger", ["on_completed", "notification"])
+def test_an_outcome_with_something_to_run_waits_for_its_decision(trigger: str) -> None:
+    core = new_core()
+    page = new_page(core)
+    if trigger == "on_completed":
+        page.on_completed = lambda task_id, results: None
+        task = enqueue(core, page, 1)
+        frame = completed(1)
+    else:
+        task = enqueue(core, page, 1, ErrorLevel.WARNING)  # unhandled: a notification is due
+        frame = failed(1)
+    assert arrive(core, frame) == [task]
+    assert not task._done
+    core.set_record(page, "Customer: 20000")  # the page moves on first: no trigger, cancelled
+    with pytest.raises(BackgroundTaskCanceled) as caught:
+        task._outcome()
+    assert caught.value.code == "RecordChanged"
 
 
 def test_failed_resolves_with_background_task_error() -> None:
@@ -377,6 +406,7 @@ def test_pending_counts_tasks_until_they_are_decided() -> None:
     page = new_page(core)
     counts: list[int] = []
     page.on_pending_changed = counts.append
+    page.on_completed = lambda task_id, results: None  # so the completion waits for dispatch
     first = enqueue(core, page, 1)
     enqueue(core, page, 2)
     assert page.pending == 2
@@ -657,8 +687,10 @@ def dispatch_failure(
     page.on_error = on_error
     task = enqueue(core, page, 1, level)
     work = arrive(core, failed(1, "ChildSessionTaskTimeout", "timed out"))
-    assert work == [task]
+    # With nothing to run (no error trigger, level Ignore) it is decided on arrival.
+    assert work == ([] if on_error is None and level is ErrorLevel.IGNORE else [task])
     dispatch_all(core, work)
+    assert task._done
     return notes
 
 

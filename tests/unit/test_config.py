@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def test_defaults(tmp_path: Path) -> None:
             max_connections=4096,
             max_buffered_mb=256,
             metrics_address=None,
+            event_loop="auto",
         ),
         asynchronous_processing=AsyncProcessingSection(
             max_concurrency=5,
@@ -96,6 +98,7 @@ def test_defaults(tmp_path: Path) -> None:
             max_tasks_per_worker=0,
             max_memory_mb=0,
             result_cache_mb=64,
+            cancel_grace_ms=50,
             ack_timeout_ms=5000,
         ),
         database=DatabaseSection(
@@ -186,6 +189,7 @@ MaxFrameBytes = 2048
 MaxConnections = 10
 MaxBufferedMB = 64
 MetricsAddress = [::]:9185
+EventLoop = AsyncIO
 
 [AsynchronousProcessing]
 ChildSessionsMaxConcurrency = 2
@@ -222,6 +226,7 @@ Modules = workers.demo, mypkg.cues
         max_connections=10,
         max_buffered_mb=64,
         metrics_address=("::", 9185),
+        event_loop="asyncio",
     )
     assert config.asynchronous_processing == AsyncProcessingSection(
         max_concurrency=2,
@@ -235,6 +240,7 @@ Modules = workers.demo, mypkg.cues
         max_tasks_per_worker=1000,
         max_memory_mb=512,
         result_cache_mb=64,
+        cancel_grace_ms=50,
         ack_timeout_ms=2000,
     )
     assert config.database == DatabaseSection(
@@ -353,6 +359,7 @@ BAD_VALUES = [
         "must be longer than zero",
     ),
     ("Server", "LogLevel", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("Server", "EventLoop", "trio", "must be one of auto, asyncio, uvloop"),
     ("Server", "MaxFrameBytes", "512", "must be between 1024 and 67108864"),
     ("Server", "SocketPath", "", "must not be empty"),
     ("Server", "TcpAddress", "7085", "expected host:port, e.g. 127.0.0.1:7085"),
@@ -445,7 +452,7 @@ def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
     text = config_error(tmp_path, "[Workers]\nCuont = 4\n")
     assert text == (
         f"{tmp_path / 'server.ini'}: [Workers] Cuont: unknown key"
-        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, ResultCacheMB, AckTimeout)"
+        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, ResultCacheMB, CancelGrace, AckTimeout)"
     )
 
 
@@ -527,7 +534,7 @@ def test_unknown_env_key_in_known_section(tmp_path: Path) -> None:
     text = config_error(tmp_path, "", {"PBT_WORKERS_MAX_MEMORY_MB": "5"})
     assert text == (
         "PBT_WORKERS_MAX_MEMORY_MB: [Workers] MAX_MEMORY_MB: unknown key"
-        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, ResultCacheMB, AckTimeout)"
+        " (known: Count, MaxTasksPerWorker, MaxMemoryMB, ResultCacheMB, CancelGrace, AckTimeout)"
     )
 
 
@@ -546,6 +553,21 @@ def test_env_can_switch_tcp_off(tmp_path: Path) -> None:
     ini = f"[Server]\nTcpAddress = 127.0.0.1:7085\nAuthToken = {TOKEN}\n"
     config = load(tmp_path, ini, {"PBT_SERVER_TCPADDRESS": ""})
     assert config.server.tcp_address is None
+
+
+def test_uvloop_named_but_not_installed_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    text = config_error(tmp_path, "[Server]\nEventLoop = uvloop\n")
+    assert text.endswith(
+        "[Server] EventLoop = 'uvloop': uvloop is not installed:"
+        " pip install 'pbt-server[fast]' (or say auto)"
+    )
+    assert load(tmp_path, "[Server]\nEventLoop = auto\n").server.event_loop == "auto"
 
 
 # --- timespans ----------------------------------------------------------------------------
