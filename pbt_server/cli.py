@@ -87,6 +87,12 @@ def _build_parser() -> argparse.ArgumentParser:
     web = commands.add_parser(
         "web", parents=[common, listen], help="serve the browser bridge (needs pbt-server[web])"
     )
+    web.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="reach the broker over TCP (a balancer in front of several), with [Server]"
+        " AuthToken; default: [Server] SocketPath",
+    )
     web.set_defaults(handler=_web)
     demo = commands.add_parser(
         "demo",
@@ -273,10 +279,22 @@ def _web(args: argparse.Namespace) -> int:
     config = _load_config(args)
     if config is None:
         return EXIT_USAGE
+    broker = None
+    if args.broker is not None:
+        from pbt_server.config import parse_tcp_address
+
+        try:
+            broker = parse_tcp_address(args.broker)
+        except ValueError as err:
+            _error(f"pbt-server web: --broker {args.broker!r}: {err}")
+            return EXIT_USAGE
+        if not config.server.auth_token:
+            _error("pbt-server web: --broker needs the brokers' [Server] AuthToken")
+            return EXIT_USAGE
     serve = _import_web("pbt_server.web.serve")
     if serve is None:
         return EXIT_FAILED
-    code: int = serve.main(config, args.host, args.port)
+    code: int = serve.main(config, args.host, args.port, broker=broker)
     return code
 
 

@@ -120,6 +120,18 @@ def _socket_path(text: str, base: Path) -> Path:
     return path
 
 
+def parse_tcp_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:7085`` for IPv6) as a pair.
+
+    Raises:
+        ValueError: not host:port, or the port is not 1-65535.
+    """
+    address = _tcp_address(text)
+    if address is None:
+        raise ValueError("expected host:port")
+    return address
+
+
 def _tcp_address(text: str) -> tuple[str, int] | None:
     if not text:
         return None

@@ -41,13 +41,18 @@ def _run(app: ASGIApp, host: str, port: int, config: ServerConfig) -> None:
     )
 
 
-def main(config: ServerConfig, host: str, port: int) -> int:
+def main(
+    config: ServerConfig, host: str, port: int, *, broker: tuple[str, int] | None = None
+) -> int:
+    """Serve the bridge for the broker on ``[Server] SocketPath``, or at ``broker`` over TCP
+    (with ``[Server] AuthToken``)."""
     from pbt_server.web.app import create_app
 
+    where = config.server.socket_path if broker is None else f"{broker[0]}:{broker[1]}"
     print(
         f"pbt-server web: http://{host}:{port}/pbt.js and ws://{host}:{port}/ws,"
-        f" for the broker on {config.server.socket_path}",
+        f" for the broker on {where}",
         flush=True,
     )
-    serve(create_app(config), host=host, port=port, config=config)
+    serve(create_app(config, address=broker), host=host, port=port, config=config)
     return 0

@@ -1,11 +1,17 @@
 """Scenario 1, basics: a cue through HAProxy reads the standby; sessions spread over both
 brokers; a wrong token is refused through the balancer too; the standby refuses a write;
-``connect([addresses])`` and the web bridge if this checkout has them.
+``connect([addresses])``; browser tabs through ``pbt-server web --broker`` and HAProxy.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -21,11 +27,14 @@ from tests.cluster.topology import (
     BROKER1,
     BROKER2,
     BROKERS,
+    CLIENT,
     PRIMARY,
+    REPO,
     balancer_address,
     broker_address,
     owner_conninfo,
 )
+from tests.web import wsclient
 
 BALANCER = balancer_address()
 BLOCKED_QUERY = "SELECT count(*) FROM customer WHERE blocked <> ''"
@@ -120,14 +129,78 @@ def _address_list(report: Report) -> None:
 
 
 def _web_bridge(report: Report) -> None:
-    if importlib.util.find_spec("pbt_server.web") is None:
-        report.skip(
-            "web bridge through HAProxy",
-            "pbt_server.web is not in this checkout; the check runs once it is",
-        )
-        return
-    report.skip(
-        "web bridge through HAProxy",
-        "pbt_server.web exists, but this scenario is not yet written against its API"
-        " (create_app's arguments): wire it in tests/cluster/scenarios.py",
+    """``pbt-server web --broker <balancer>``: browser tabs (WebSockets) on the client host
+    become parent sessions through HAProxy, spread over both brokers."""
+    port = 8081
+    origin = f"http://{CLIENT.address}:{port}"
+    env = {
+        **os.environ,
+        "PBT_SERVER_AUTHTOKEN": AUTH_TOKEN,
+        "PBT_WEB_ALLOWEDCODEUNITS": str(WHOAMI),
+        "PBT_WEB_ALLOWEDORIGINS": origin,
+    }
+    balancer = f"{BALANCER[0]}:{BALANCER[1]}"
+    argv = ["web", "--host", CLIENT.address, "--port", str(port), "--broker", balancer]
+    web = subprocess.Popen(
+        [sys.executable, "-m", "pbt_server", *argv],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
+    try:
+        if not _listening(CLIENT.address, port, web):
+            _, err = web.communicate(timeout=10)
+            report.check("web bridge through HAProxy", False, f"did not start: {err[-500:]!r}")
+            return
+        pids = wsclient.run(_tabs(f"ws://{CLIENT.address}:{port}/ws", origin, 4))
+    finally:
+        web.terminate()
+        web.communicate(timeout=20)
+    brokers_used = {pid for pid in pids if pid in {brokers.pid(b) for b in BROKERS}}
+    report.check(
+        "web bridge through HAProxy",
+        len(pids) == 4 and len(brokers_used) == 2,
+        f"4 tabs through `pbt-server web --broker {balancer}` ran on brokers {sorted(pids)}",
+    )
+
+
+def _listening(host: str, port: int, process: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def _tabs(url: str, origin: str, count: int) -> list[int]:
+    async def tab() -> int:
+        socket_ = await wsclient.open_socket(url, origin)
+        try:
+            await wsclient.hello(socket_)
+            page = await wsclient.request(
+                socket_, {"op": "open_page", "rid": 1, "name": "Cue", "record": ""}
+            )
+            await wsclient.request(
+                socket_,
+                {
+                    "op": "enqueue",
+                    "rid": 2,
+                    "page": page["page"],
+                    "codeunit": WHOAMI,
+                    "parameters": {},
+                    "timeout": None,
+                    "level": "Error",
+                },
+            )
+            while True:
+                message = await wsclient.receive(socket_)
+                if message["op"] == "completed":
+                    return int(message["results"]["broker_pid"])
+        finally:
+            await socket_.close()
+
+    # All open at once, so that each balancer decision sees the others' sessions.
+    return list(await asyncio.gather(*(tab() for _ in range(count))))

@@ -175,3 +175,25 @@ def test_without_the_web_extra_the_command_says_what_to_install(tmp_path: Path):
     )
     assert result.returncode == 1
     assert "pip install 'pbt-server[web]'" in result.stderr
+
+
+def test_web_broker_needs_host_port_and_the_token(tmp_path: Path):
+    def web(*argv: str, token: str = "") -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PBT_")}
+        if token:
+            environ["PBT_SERVER_AUTHTOKEN"] = token
+        return subprocess.run(
+            [sys.executable, "-m", "pbt_server", "web", *argv],
+            cwd=tmp_path,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    bad = web("--broker", "10.0.0.1", token="t" * 32)
+    assert bad.returncode == 2
+    assert "--broker '10.0.0.1'" in bad.stderr and "host:port" in bad.stderr
+    tokenless = web("--broker", "10.0.0.1:7085")
+    assert tokenless.returncode == 2
+    assert "AuthToken" in tokenless.stderr
