@@ -193,7 +193,8 @@ def test_web_broker_needs_host_port_and_the_token(tmp_path: Path):
 
     bad = web("--broker", "10.0.0.1", token="t" * 32)
     assert bad.returncode == 2
-    assert "--broker '10.0.0.1'" in bad.stderr and "host:port" in bad.stderr
+    assert "--broker '10.0.0.1'" in bad.stderr
+    assert "host:port" in bad.stderr
     tokenless = web("--broker", "10.0.0.1:7085")
     assert tokenless.returncode == 2
     assert "AuthToken" in tokenless.stderr
