@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -52,12 +52,14 @@ from pbt_server.client._core import (
     check_context,
     check_text,
     describe_address,
+    is_current,
     is_due,
     needs_dispatch,
     refuse_in_child_session,
     resolve_addresses,
     run_dispatch,
     status_fields,
+    work_task,
 )
 from pbt_server.client._line import Line, Signal, Waiter, waiter
 from pbt_server.errors import (
@@ -256,8 +258,9 @@ class _ThreadDispatcher:
     def _run(self) -> None:
         while (work := self._queue.get()) is not None:
             if not is_due(work):
-                assert isinstance(work, TaskBase)
-                self._wait_returned(work)  # the caller has its TaskId before the trigger
+                task = work_task(work)
+                assert task is not None
+                self._wait_returned(task)  # the caller has its TaskId before the trigger
             self.put(_decided(self._core, self._lock, work))
             run_dispatch(self._core.dispatch(work))
 
@@ -566,8 +569,8 @@ class Page(PageBase):
     """A page opened in a session (:meth:`Session.open_page`).
 
     Set ``on_completed(task_id, results)``, ``on_error(task_id, code, text, call_stack)
-    -> is_handled`` and ``on_pending_changed(count)`` to follow its tasks; they run on the
-    session's dispatcher.
+    -> is_handled``, ``on_pending_changed(count)`` and ``on_progress(task_id, progress)`` to
+    follow its tasks; they run on the session's dispatcher.
     """
 
     _session: Session
@@ -748,6 +751,51 @@ class BackgroundTask(TaskBase[Page]):
     def cancel(self) -> bool:
         """Same as ``task.page.cancel_background_task(task.id)``."""
         return self.page.cancel_background_task(self.id)
+
+    def progress_updates(self, timeout: float | None = None) -> Iterator[dict[str, str]]:
+        """The task's progress as it changes, until its outcome arrives::
+
+            for progress in task.progress_updates(timeout=60):
+                print(progress["done"], "of", progress["of"])
+            results = task.result()
+
+        Yields the latest value first if there is one; a consumer slower than the updates
+        gets the latest each time, not every one. Ends (without raising) when the outcome
+        arrives, whatever it is, or when the page moves on; :meth:`result` tells which.
+
+        Raises:
+            TimeoutError: the outcome has not arrived within ``timeout`` seconds (None:
+                no limit) of the call.
+        """
+        session = self.page.session
+        session._check_process()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lock = session._lock
+        signal = Signal()
+        me = waiter()
+        seen = 0
+        with lock:
+            if self._watchers is None:
+                self._watchers = []
+            self._watchers.append(signal)
+        try:
+            while True:
+                with lock:
+                    if not is_current(self):
+                        return
+                    value = None
+                    if self._progress_seq != seen and self._progress is not None:
+                        seen, value = self._progress_seq, dict(self._progress)
+                    else:
+                        signal.is_set = False
+                        session._line.enlist(me, signal)
+                if value is not None:
+                    yield value
+                elif not session._line.wait(me, signal, deadline):
+                    raise TimeoutError(f"task {self.id} has no outcome after {timeout} s")
+        finally:
+            with lock:
+                self._watchers.remove(signal)
 
     def _wait(self, timeout: float | None) -> None:
         if not self._done and not self._signal.is_set:

@@ -10,6 +10,8 @@
                             wake), and the task becomes dispatch work (decided at once
                             when it has no trigger to run)
         cancelled        -> the task is decided: cancelled; no trigger
+        progress         -> the task's latest progress replaced; one ProgressNote queued
+                            (while none is) if its page has on_progress
         shutdown         -> remembered for the ConnectionLost text
     take_work() ──(the flavour's one dispatcher)──> dispatch(work): a generator that
         yields the callbacks to call, one at a time, and decides what follows
@@ -79,6 +81,7 @@ _CANCELLING_OPS: Final = {
 
 Address = str | tuple[str, int]
 CompletedTrigger = Callable[[int, dict[str, str]], object]
+ProgressTrigger = Callable[[int, dict[str, str]], object]
 ErrorTrigger = Callable[[int, str, str, str], object]
 PendingTrigger = Callable[[int], object]
 Call = tuple[Callable[..., object], tuple[object, ...]]
@@ -127,6 +130,9 @@ class PageBase:
         #: ``on_pending_changed(count)``, run on the dispatcher when :attr:`pending` changed:
         #: what a cue needs to show ``-`` while its tasks run.
         self.on_pending_changed: PendingTrigger | None = None
+        #: ``on_progress(task_id, progress)``, run on the dispatcher with a running task's
+        #: latest ``ctx.set_progress`` value; never once its outcome has arrived.
+        self.on_progress: ProgressTrigger | None = None
         #: The error of the last refused ``try_enqueue_background_task`` (``.code`` says why).
         self.last_enqueue_error: PbtError | None = None
 
@@ -183,6 +189,11 @@ class TaskBase(Generic[P]):
         self._returned = False  # the call that returned the TaskId has returned
         self._results: dict[str, str] | None = None
         self._error: PbtError | None = None
+        self._progress: dict[str, str] | None = None
+        self._progress_seq = 0  # progress updates received
+        self._progress_due = False  # a ProgressNote for it waits for the dispatcher
+        self._progress_told = 0  # the update on_progress last ran with
+        self._watchers: list[Signal] | None = None  # woken by progress and by the outcome
 
     @property
     def id(self) -> int:
@@ -209,6 +220,13 @@ class TaskBase(Generic[P]):
         """The timeout the broker applies, in milliseconds (after defaulting and clamping)."""
         return self._timeout
 
+    @property
+    def progress(self) -> dict[str, str] | None:
+        """The latest progress the codeunit reported (``ctx.set_progress``), a copy; None
+        until the first. It stays what it last was once the task has ended."""
+        progress = self._progress
+        return None if progress is None else dict(progress)
+
     def _outcome(self) -> dict[str, str]:
         if self._error is not None:
             raise self._error
@@ -225,7 +243,15 @@ class TaskBase(Generic[P]):
         return f"<{type(self).__name__} {self._id} page={self._page.id} {state}>"
 
 
-Work = TaskBase[Any] | PageBase
+@dataclasses.dataclass(slots=True, eq=False)
+class ProgressNote:
+    """Dispatcher work: run ``on_progress`` with the task's latest progress (the value when
+    the dispatcher gets to it: updates that arrive meanwhile are folded into this one)."""
+
+    task: TaskBase[Any]
+
+
+Work = TaskBase[Any] | PageBase | ProgressNote
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -544,6 +570,8 @@ class Core:
                     if task is not None:
                         text = event["text"] or f"task {task.id} was cancelled"
                         self._decide(task, None, BackgroundTaskCanceled(text, code=event["code"]))
+                case "progress":
+                    self._progress(event["task"], event["progress"])
                 case "shutdown":
                     self._shutdown_text = event["text"]
                     logger.info("the server is shutting down: %s", self._shutdown_text)
@@ -599,6 +627,21 @@ class Core:
             self._tasks.pop(task._id)
             self._orphan(task)
 
+    def _progress(self, task_id: int, progress: dict[str, str]) -> None:
+        task = self._tasks.get(task_id)
+        if task is None:
+            logger.debug("ignored progress for task %d: unknown or already ended", task_id)
+            return
+        page = task.page
+        if page.closed or page.record_id != task.record_id:
+            return  # the page moved on: the task is as good as cancelled
+        task._progress = progress
+        task._progress_seq += 1
+        _wake(task)
+        if page.on_progress is not None and not task._progress_due:
+            task._progress_due = True
+            self._work.append(ProgressNote(task))
+
     def _arrive(self, task_id: int, results: dict[str, str] | None, error: PbtError | None) -> None:
         task = self._tasks.pop(task_id, None)
         if task is None:
@@ -624,6 +667,7 @@ class Core:
         page._undecided[task.id] = task
         self._work.append(task)
         task._signal.set()  # waiters wake and decide for themselves
+        _wake(task)
 
     def decide(self, task: TaskBase[Any]) -> None:
         """Make the one decision about an outcome that arrived (no-op once decided)."""
@@ -653,6 +697,7 @@ class Core:
             page._pending -= 1
             self._note_pending(page)
         task._signal.set()
+        _wake(task)
 
     def _note_pending(self, page: PageBase) -> None:
         if page.on_pending_changed is not None and page not in self._work:
@@ -727,6 +772,9 @@ class Core:
         if isinstance(work, PageBase):
             yield from self._pending_changed(work)
             return
+        if isinstance(work, ProgressNote):
+            yield from self._progressed(work.task)
+            return
         task = work
         self.decide(task)
         error = task._error
@@ -757,6 +805,27 @@ class Core:
             stack = "".join(traceback.format_exception(exc))
             note = self._notification(task, ErrorLevel.ERROR, type(exc).__name__, str(exc), stack)
         if note is not None:
+            yield from self._notify(note)
+
+    def _progressed(self, task: TaskBase[Any]) -> Generator[Call, object, None]:
+        # Without the session's lock (the blocking flavour): the flag is cleared before the
+        # value is read, so an update that arrives meanwhile queues a note of its own, and
+        # one already shown is not shown twice.
+        task._progress_due = False
+        seq, progress = task._progress_seq, task._progress
+        callback = task.page.on_progress
+        if callback is None or progress is None or seq == task._progress_told:
+            return
+        if not is_current(task):
+            return
+        task._progress_told = seq
+        try:
+            yield callback, (task.id, dict(progress))
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            stack = "".join(traceback.format_exception(exc))
+            note = self._notification(task, ErrorLevel.ERROR, type(exc).__name__, str(exc), stack)
             yield from self._notify(note)
 
     def _pending_changed(self, page: PageBase) -> Generator[Call, object, None]:
@@ -822,9 +891,35 @@ class _NoSignal:
         pass
 
 
+def _wake(task: TaskBase[Any]) -> None:
+    for watcher in task._watchers or ():
+        watcher.set()
+
+
+def is_current(task: TaskBase[Any]) -> bool:
+    """Whether progress for ``task`` still counts: no outcome arrived, its page still on
+    the record it was enqueued under."""
+    page = task.page
+    return (
+        not task._done
+        and task._arrived is None
+        and not page.closed
+        and page.record_id == task.record_id
+    )
+
+
+def work_task(work: Work) -> TaskBase[Any] | None:
+    """The task ``work`` is about (None for a page's pending count)."""
+    if isinstance(work, ProgressNote):
+        return work.task
+    return None if isinstance(work, PageBase) else work
+
+
 def is_due(work: Work) -> bool:
-    """A task's trigger may run once the call that returned its TaskId has returned."""
-    return isinstance(work, PageBase) or work._returned or work._done
+    """A task's trigger (and its progress) may run once the call that returned its TaskId
+    has returned."""
+    task = work_task(work)
+    return task is None or task._returned or task._done
 
 
 def _has_trigger(task: TaskBase[Any], error: PbtError | None) -> bool:
@@ -843,7 +938,7 @@ def needs_dispatch(work: Work) -> bool:
     undecided outcome to decide, or a decided one's trigger or notification. A task decided
     before it was dispatched (its caller took it) with nothing to run is done with: the
     dispatcher would only find that out, after a thread switch."""
-    if isinstance(work, PageBase) or not work._done:
+    if isinstance(work, PageBase | ProgressNote) or not work._done:
         return True
     return _has_trigger(work, work._error)
 

@@ -27,7 +27,7 @@ import asyncio
 import inspect
 import os
 import socket
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, cast
 
@@ -65,10 +65,12 @@ from pbt_server.client._core import (
     Work,
     check_text,
     describe_address,
+    is_current,
     is_due,
     refuse_in_child_session,
     resolve_addresses,
     status_fields,
+    work_task,
 )
 from pbt_server.errors import ProtocolError
 from pbt_server.protocol import DEFAULT_MAX_FRAME, FrameDecoder
@@ -194,6 +196,9 @@ class _Flag:
             for waiter in self._waiters or ():
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.is_set = False
 
     async def wait(self, seconds: float | None = None) -> None:
         """Wait until set; TimeoutError after ``seconds`` (None: no limit)."""
@@ -468,9 +473,10 @@ class Session(SessionBase):
     async def _dispatch(self) -> None:
         work_queue = self._connection.work
         while (work := await work_queue.get()) is not None:
-            if isinstance(work, BackgroundTask):
+            task = work_task(work)
+            if isinstance(task, BackgroundTask):
                 if not is_due(work):
-                    await work._returned_flag.wait()  # the caller has its TaskId first
+                    await task._returned_flag.wait()  # the caller has its TaskId first
                 # ... also a caller that awaits the enqueue through asyncio.wait_for or a
                 # task of its own, which resumes a loop turn or two after the call returned
                 for _ in range(_SETTLE_TURNS):
@@ -485,8 +491,9 @@ class Page(PageBase):
     """A page opened in a session (:meth:`Session.open_page`).
 
     Set ``on_completed(task_id, results)``, ``on_error(task_id, code, text, call_stack)
-    -> is_handled`` and ``on_pending_changed(count)`` to follow its tasks: plain functions
-    or ``async def``, run one at a time by the session's dispatcher task.
+    -> is_handled``, ``on_pending_changed(count)`` and ``on_progress(task_id, progress)`` to
+    follow its tasks: plain functions or ``async def``, run one at a time by the session's
+    dispatcher task.
     """
 
     _session: Session
@@ -657,6 +664,33 @@ class BackgroundTask(TaskBase[Page]):
     async def cancel(self) -> bool:
         """Same as ``await task.page.cancel_background_task(task.id)``."""
         return await self.page.cancel_background_task(self.id)
+
+    async def progress_updates(self) -> AsyncIterator[dict[str, str]]:
+        """The task's progress as it changes, until its outcome arrives::
+
+            async for progress in task.progress_updates():
+                bar.show(progress["done"], progress["of"])
+            results = await task.result()
+
+        Yields the latest value first if there is one; a consumer slower than the updates
+        gets the latest each time, not every one. Ends (without raising) when the outcome
+        arrives, whatever it is, or when the page moves on; :meth:`result` tells which.
+        """
+        seen = 0
+        flag = _Flag(self.page.session._connection.loop)
+        if self._watchers is None:
+            self._watchers = []
+        self._watchers.append(flag)
+        try:
+            while is_current(self):
+                if self._progress_seq != seen and self._progress is not None:
+                    seen = self._progress_seq
+                    yield dict(self._progress)
+                    continue
+                flag.clear()
+                await flag.wait()
+        finally:
+            self._watchers.remove(flag)
 
     async def _wait(self, seconds: float | None) -> None:
         if not self._done:

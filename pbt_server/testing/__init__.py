@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from pbt_server import proctree
@@ -49,6 +49,7 @@ def run_page_background_task(
     context: Mapping[str, str] | None = None,
     modules: Iterable[str] = (),
     timeout: int = 120_000,
+    on_progress: Callable[[dict[str, str]], object] | None = None,
 ) -> dict[str, str]:
     """Run codeunit ``codeunit_id`` once, as a child session, and return its results.
 
@@ -61,6 +62,8 @@ def run_page_background_task(
         context: ``ctx.context``.
         modules: codeunit modules to import first (those already imported count too).
         timeout: milliseconds before the child session is killed.
+        on_progress: called with each value the codeunit's ``ctx.set_progress`` sends (in
+            this process, not rate-limited beyond the worker's own 10 ms gap).
 
     Raises:
         BackgroundTaskError: the codeunit failed (``.code``: the exception's class name, its
@@ -86,7 +89,7 @@ def run_page_background_task(
         "timeout": timeout,
         "context": dict(context or {}),
     }
-    reply = _run_in_a_worker(job, database, timeout / 1000)
+    reply = _run_in_a_worker(job, database, timeout / 1000, on_progress)
     if reply["op"] == "done":
         return dict(reply["results"])
     raise BackgroundTaskError(
@@ -98,7 +101,12 @@ def _database(url: str) -> DatabaseSection:
     return load_config(None, environ={"PBT_DATABASE_URL": url}).database
 
 
-def _run_in_a_worker(job: Run, database: DatabaseSection, seconds: float) -> dict[str, Any]:
+def _run_in_a_worker(
+    job: Run,
+    database: DatabaseSection,
+    seconds: float,
+    on_progress: Callable[[dict[str, str]], object] | None,
+) -> dict[str, Any]:
     job_r, job_w = os.pipe()
     res_r, res_w = os.pipe()
     spec = WorkerSpec(
@@ -127,8 +135,12 @@ def _run_in_a_worker(job: Run, database: DatabaseSection, seconds: float) -> dic
         os.close(job_w)
         job_w = -1
         messages.next(_BOOT_TIMEOUT)  # started: the timeout counts from here
+        deadline = time.monotonic() + seconds
         try:
-            return messages.next(seconds)
+            while (reply := messages.next(deadline - time.monotonic()))["op"] == "progress":
+                if on_progress is not None:
+                    on_progress(dict(reply["progress"]))
+            return reply
         except TimeoutError:
             assert process.pid is not None
             pidfd = os.pidfd_open(process.pid)

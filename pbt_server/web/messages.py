@@ -36,8 +36,9 @@ names, and the browser sends again its requests after the welcome's ``rid``.
 - ``error``      rid, code, text: the request failed (the promise rejects with ``.code``)
 - ``completed``  page, task, results:{str:str}
 - ``failed``     page, task, code, text, stack
-- ``progress``   page, task, progress:{str:str} (reserved for the progress issue: the broker
-  does not report progress yet, so the bridge never sends it)
+- ``progress``   page, task, progress:{str:str}: a running task's latest ``ctx.set_progress``
+  value, at most one per ``[AsynchronousProcessing] ProgressInterval``, never after its
+  ``completed`` or ``failed``
 
 A fatal ``error`` has ``rid`` null and no ``seq``; the socket closes right after it (codes:
 4400 protocol error, 4403 refused, 4408 no hello in time, 4410 session expired, 4502 the

@@ -226,7 +226,13 @@ class Tab:
             await self._event({**failed, "text": text, "stack": stack})
             return True  # the browser's own onError and ErrorLevel decide what it shows
 
+        async def on_progress(task_id: int, progress: dict[str, str]) -> None:
+            await self._event(
+                {"op": "progress", "page": page_id, "task": task_id, "progress": progress}
+            )
+
         page.on_completed = on_completed
         page.on_error = on_error
+        page.on_progress = on_progress
         self.pages[page_id] = page
         return {"page": page_id}

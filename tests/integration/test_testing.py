@@ -35,6 +35,16 @@ def test_a_codeunit_runs_as_a_child_session_and_returns_its_results(database: st
     assert context["pid"] != str(__import__("os").getpid())  # a worker process of its own
 
 
+def test_a_codeunit_that_reports_progress_runs_and_shows_it(database: str) -> None:
+    seen: list[dict[str, str]] = []
+    params = {"steps": "5", "pause": "0.02"}  # 20 ms apart: past the worker's 10 ms gap
+    assert run(cu.PROGRESS, params, database_url=database, on_progress=seen.append) == {
+        "steps": "5"
+    }
+    assert [p["done"] for p in seen] == ["1", "2", "3", "4", "5"]
+    assert run(cu.PROGRESS, params, database_url=database) == {"steps": "5"}
+
+
 @pytest.mark.parametrize(
     ("codeunit", "code", "text"),
     [

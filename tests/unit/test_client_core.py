@@ -19,6 +19,7 @@ from pbt_server.client._core import (
     Work,
     check_context,
     check_text,
+    is_due,
     resolve_addresses,
     run_dispatch,
     status_fields,
@@ -790,3 +791,72 @@ def test_pending_request_result() -> None:
     pending = PendingRequest(1, "ping", Flag())
     pending.reply = {"op": "reply", "rid": 1}
     assert pending.result() == {"op": "reply", "rid": 1}
+
+
+# --- progress -----------------------------------------------------------------------------
+
+
+def progress(task_id: int, done: int) -> Message:
+    return {"op": "progress", "task": task_id, "page": 3, "progress": {"done": str(done)}}
+
+
+def test_progress_updates_are_folded_into_one_call_with_the_latest() -> None:
+    core = new_core()
+    page = new_page(core)
+    seen: list[tuple[int, dict[str, str]]] = []
+    page.on_progress = lambda task_id, value: seen.append((task_id, value))
+    task = enqueue(core, page, 9)
+    work = arrive(core, progress(9, 1))
+    work += arrive(core, progress(9, 2))  # before the dispatcher got to the first
+    assert len(work) == 1
+    assert task.progress == {"done": "2"}
+    dispatch_all(core, work)
+    assert seen == [(9, {"done": "2"})]
+    dispatch_all(core, arrive(core, progress(9, 3)))
+    assert seen[-1] == (9, {"done": "3"})
+
+
+def test_no_progress_call_once_the_outcome_arrived_or_the_page_moved_on() -> None:
+    core = new_core()
+    page = new_page(core)
+    page.on_progress = never
+    page.on_completed = lambda task_id, results: None
+    task = enqueue(core, page, 9)
+    work = arrive(core, progress(9, 1)) + arrive(core, completed(9))
+    run_dispatch(core.dispatch(work[0]))  # the progress note, reached after the outcome
+    other = enqueue(core, page, 10)
+    work = arrive(core, progress(10, 1))
+    core.set_record(page, "Customer: 20000")
+    dispatch_all(core, work)
+    assert arrive(core, progress(10, 2)) == []  # moved on: not even kept
+    assert other.progress == {"done": "1"}
+    assert task.progress == {"done": "1"}  # the last value stays readable
+
+
+def test_a_raising_progress_trigger_is_an_error_notification() -> None:
+    core = new_core()
+    page = new_page(core)
+    notes: list[Notification] = []
+    core.on_notification = notes.append
+
+    def bad(task_id: int, value: dict[str, str]) -> None:
+        raise RuntimeError("bar broke")
+
+    page.on_progress = bad
+    enqueue(core, page, 9)
+    dispatch_all(core, arrive(core, progress(9, 1)))
+    assert [(n.task_id, n.code, n.text) for n in notes] == [(9, "RuntimeError", "bar broke")]
+
+
+def test_progress_waits_for_the_taskid_like_a_trigger() -> None:
+    core = new_core()
+    page = new_page(core)
+    page.on_progress = lambda task_id, value: None
+    task = new_task(page)
+    fields = core.enqueue(page, task, CODEUNIT, {}, None, ErrorLevel.ERROR)
+    pending, _ = core.request("enqueue", fields, Flag(), task)
+    core.receive({"op": "reply", "rid": pending.rid, "task": 4, "timeout": 1000})
+    (note,) = arrive(core, progress(4, 1))
+    assert not is_due(note)
+    task._returned = True
+    assert is_due(note)

@@ -17,6 +17,7 @@ BLOCKING_ONLY = {
 }
 DIFFERENT_SIGNATURE = {
     "Session.wait_closed",  # asyncio waits are bounded with asyncio.timeout, not an argument
+    "BackgroundTask.progress_updates",  # the same
 }
 
 

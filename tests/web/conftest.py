@@ -29,7 +29,15 @@ from tests.web.server import CHROMIUM, CHROMIUM_ARGS, WebServer
 
 CUSTOMERS = 300
 UNREGISTERED = 4242  # allowed to the test user, registered nowhere
-ALLOWED = DEMO_CODEUNITS | {cu.NOOP, cu.ECHO, cu.SLEEP, cu.RAISE, web_cu.CONTEXT_MAP, UNREGISTERED}
+ALLOWED = DEMO_CODEUNITS | {
+    cu.NOOP,
+    cu.ECHO,
+    cu.SLEEP,
+    cu.RAISE,
+    cu.PROGRESS,
+    web_cu.CONTEXT_MAP,
+    UNREGISTERED,
+}
 TEST_PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pbt test page</title>
 <script src="/pbt/pbt.js"></script></head><body><p id="status">test page</p></body></html>"""

@@ -134,3 +134,50 @@ def test_a_page_of_another_origin_may_not_connect(
     url = f"ws://127.0.0.1:{listed.port}/pbt/ws"
     assert page.evaluate("(url) => pbt.connect({url}).then((s) => s.id)", url) > 0
     page.close()
+
+
+def test_progress_reaches_on_progress_before_the_outcome(web: WebServer, context):
+    page, _ = open_test_page(context, web.url)
+    page.evaluate(
+        """() => {
+          h.progress = [];
+          h.order = [];
+          p.onProgress = (taskId, progress) => {
+            h.progress.push([taskId, progress]);
+            h.order.push("progress");
+          };
+          const completed = p.onCompleted;
+          p.onCompleted = (taskId, results) => {
+            h.order.push("completed");
+            return completed(taskId, results);
+          };
+        }"""
+    )
+    task = enqueue(page, cu.PROGRESS, {"steps": "30", "pause": "0.01"})
+    page.wait_for_function("h.completed.length === 1", timeout=20_000)
+    order = page.evaluate("h.order")
+    assert order[-1] == "completed"
+    assert order.count("completed") == 1
+    progress = page.evaluate("h.progress")
+    assert progress
+    assert {task_id for task_id, _ in progress} == {task}
+    done = [int(value["done"]) for _, value in progress]
+    assert done == sorted(done)
+    assert all(value["of"] == "30" for _, value in progress)
+    # A task that moved to another record shows no more progress.
+    moved = enqueue(page, cu.PROGRESS, {"steps": "300", "pause": "0.01"})
+    page.wait_for_function(f"h.progress.some(([id]) => id === {moved})", timeout=20_000)
+    shown = page.evaluate(
+        """(id) => {
+          const shown = h.progress.filter(([taskId]) => taskId === id).length;
+          p.setRecord("B");
+          return shown;
+        }""",
+        moved,
+    )
+    last = enqueue(page, cu.PROGRESS, {"steps": "1", "pause": "0"})
+    page.wait_for_function("h.completed.length === 2", timeout=20_000)
+    assert [task_id for task_id, _ in page.evaluate("h.completed")][-1] == last
+    later = page.evaluate("(id) => h.progress.filter(([taskId]) => taskId === id).length", moved)
+    assert later == shown
+    page.close()

@@ -300,7 +300,7 @@
       this.closed = false;
       this.onCompleted = null; // (taskId, results) => ...
       this.onError = null; // (taskId, code, text, callStack) => isHandled
-      this.onProgress = null; // (taskId, progress) => ...: reserved, not sent by the server yet
+      this.onProgress = null; // (taskId, progress) => ...: a running task's latest ctx.set_progress value
       this._enqueuing = 0;
     }
 
