@@ -6,6 +6,7 @@ Kept apart from ``tests.codeunits`` so that changing a test cannot change a publ
 from __future__ import annotations
 
 import os
+import signal
 
 from benchmarks import work
 from workers import ChildSession, codeunit
@@ -14,6 +15,7 @@ NOOP = 9001
 SLEEP = 9002
 SPIN = 9003
 BUSY = 9004
+STOPPED = 9007
 
 
 @codeunit(NOOP, name="BenchNoop")
@@ -49,3 +51,12 @@ def spin(ctx: ChildSession) -> dict[str, str]:
 def busy(ctx: ChildSession) -> dict[str, str]:
     """Burn CPU for ``ms`` milliseconds: a read query of that length, for the cancel storm."""
     return {"loops": str(work.busy(float(ctx.parameters.get("ms", "20"))))}
+
+
+@codeunit(STOPPED, name="BenchStopped")
+def stopped(ctx: ChildSession) -> dict[str, str]:
+    """Stop this worker (SIGSTOP): a process stuck where no signal is handled, so the
+    broker's request for its stack before the timeout kill is never answered."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+    work.spin()
+    return {}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from benchmarks import floors, metrics_cost, pbt, pools
+from benchmarks.codeunits import SPIN, STOPPED
 from benchmarks.figure import Figure, Limit, Measurement, Ratio, Rule, Summary, Table, num
 from benchmarks.load import WINDOW
 from benchmarks.pools import PEBBLE_TIMEOUT, POOL_WORKERS
@@ -155,40 +156,62 @@ class TimeoutParams:
     timeout_ms: int = 200
 
 
-TIMEOUT = Figure(
-    name="timeout",
-    about="a spinning task's timeout error: arrival - enqueue reply - the timeout",
-    params=TimeoutParams(),
-    quick=TimeoutParams(n=3),
-    plan=lambda p: [
+def _timeout_plan(p: TimeoutParams) -> list[Measurement]:
+    timeout = {"n": p.n, "timeout_ms": p.timeout_ms}
+    return [
         Measurement(
             "pbt",
-            "pbt-server",
+            "pbt-server, Python code spinning (its stack taken, then the kill)",
             pbt.timeout_pbt,
-            {"n": p.n, "timeout_ms": p.timeout_ms},
+            {**timeout, "codeunit": SPIN, "stack": " in spin"},
+            broker=True,
+        ),
+        Measurement(
+            "pbt-stopped",
+            "pbt-server, worker stopped (no stack comes: the kill waits out the broker's limit)",
+            pbt.timeout_pbt,
+            {**timeout, "codeunit": STOPPED, "stack": "(no stack"},
             broker=True,
         ),
         Measurement(
             "pebble-timeout",
             f"pebble.ProcessPool({POOL_WORKERS}), its own timeout",
             pools.timeout_pebble,
-            {"n": p.n, "timeout_ms": p.timeout_ms},
+            timeout,
         ),
-    ],
+    ]
+
+
+TIMEOUT = Figure(
+    name="timeout",
+    about="a stuck task's timeout error, its stack taken first: arrival - enqueue reply - "
+    "the timeout",
+    params=TimeoutParams(),
+    quick=TimeoutParams(n=3),
+    plan=_timeout_plan,
     tables=lambda p: [
         Table(
             f"Timeout precision: error arrival - deadline, timeout {p.timeout_ms} ms (ms)",
-            [("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max")],
+            [
+                ("p50_ms", "p50"),
+                ("p99_ms", "p99"),
+                ("max_ms", "max"),
+                ("stack_bytes", "call stack (bytes)"),
+            ],
         )
     ],
     targets=lambda p: [
         Limit(
-            "timeout error p99 ≤ deadline + 20 ms",
-            "pbt",
+            f"timeout error p99 ≤ deadline + 20 ms{what}",
+            system,
             "p99_ms",
             20.0,
             "ms",
             detail=f"{p.n} timeouts per run; error ≈ arrival - enqueue reply - {p.timeout_ms} ms",
+        )
+        for system, what in (
+            ("pbt", ", the stuck code's stack in the error"),
+            ("pbt-stopped", ", a worker that cannot give its stack"),
         )
     ],
 )

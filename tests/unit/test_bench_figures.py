@@ -47,6 +47,17 @@ def test_issue_12_targets_are_all_declared() -> None:
         assert any(needle in name for name in names), needle
 
 
+def test_issue_13_figures_are_all_declared() -> None:
+    names = [rule.name for figure in FIGURES for rule in figure.targets(figure.params)]
+    for needle in (
+        "metrics on: no-op round trip p50 ≤ 1.03x off",
+        "metrics on: throughput ≥ 0.97x off",
+        "timeout error p99 ≤ deadline + 20 ms, the stuck code's stack in the error",
+        "timeout error p99 ≤ deadline + 20 ms, a worker that cannot give its stack",
+    ):
+        assert needle in names, needle
+
+
 def test_a_ratio_without_a_limit_is_reported_not_judged() -> None:
     runs: Runs = {"shared": [{"executions": 8.0}], "plain": [{"executions": 800.0}]}
     result = Ratio("executions vs plain", "shared", "plain", "executions", None).evaluate(runs)
