@@ -47,15 +47,21 @@ def test_issue_12_targets_are_all_declared() -> None:
         assert any(needle in name for name in names), needle
 
 
-def test_issue_13_figures_are_all_declared() -> None:
+def test_issue_13_and_14_figures_are_all_declared() -> None:
     names = [rule.name for figure in FIGURES for rule in figure.targets(figure.params)]
     for needle in (
         "metrics on: no-op round trip p50 ≤ 1.03x off",
         "metrics on: throughput ≥ 0.97x off",
         "timeout error p99 ≤ deadline + 20 ms, the stuck code's stack in the error",
         "timeout error p99 ≤ deadline + 20 ms, a worker that cannot give its stack",
+        "role center, shared=True: executions run vs plain",
+        "role center, shared=True: every cue filled vs plain",
+        "cache hit round trip p50 < 1x a no-op's",
+        "shared=True on a miss: round trip p50 ≤ 1.05x a no-op's",
     ):
         assert needle in names, needle
+    role_center = next(f for f in FIGURES if f.name == "rolecenter")
+    assert role_center.params.sessions == 200
 
 
 def test_a_ratio_without_a_limit_is_reported_not_judged() -> None:
@@ -113,6 +119,22 @@ def test_the_markdown_shows_labels_targets_and_custom_tables() -> None:
     assert "| pbt-server (set_record cancels; a running task's worker is killed) | 90.0" in text
     assert "| 100,000 | 80.0 (80.0-80.0) |" in text  # the scale figure's own table
     assert "Quick (smoke test)" in text
+
+
+def test_the_role_center_table_and_its_reported_ratios() -> None:
+    figure = next(f for f in FIGURES if f.name == "rolecenter")
+    data = {
+        "rolecenter": {
+            "plain": [{"executions": 800.0, "all_filled_ms": 8000.0}],
+            "shared": [{"executions": 8.0, "attaches": 792.0, "all_filled_ms": 100.0}],
+        }
+    }
+    figures = [(figure, figure.params)]
+    targets = evaluate_targets(figures, data)
+    text = render_markdown(_report(data, targets), figures)
+    assert "| role center, shared=True: executions run vs plain | 0.01 (0.01-0.01) x" in text
+    assert "| 8.00 vs 800; 200 sessions x 4 cues | reported |" in text
+    assert "| pbt-server, shared=True (identical cues attach to one execution) | 8.00" in text
 
 
 def test_at_once_starts_every_client_after_all_are_prepared() -> None:
