@@ -101,7 +101,7 @@ def round_trip(socket_path: str, codeunit: int, n: int, warmup: int, expect: str
     task runs (parameters unique to each task); ``"miss"``, the same on a shared codeunit,
     none attached; ``"hit"``, the same parameters every time, served from the cache after
     the first."""
-    tag = f"{os.getpid()}-"
+    tag = f"{os.getpid()}.{time.monotonic_ns()}-"  # no earlier measurement's entry matches
     count = iter(range(1 << 62))
 
     def unique() -> dict[str, str]:
