@@ -32,6 +32,7 @@ from pbt_server.protocol import PROTOCOL_VERSION
 
 REPO: Final = Path(__file__).resolve().parent.parent
 Settings = Mapping[str, Mapping[str, str]]
+CUSTOMERS: Final = 1_000  # rows of the database's customer table (the role center's cues read it)
 
 BROKER_BASE: Final[dict[str, dict[str, str]]] = {
     "Workers": {"Count": "2"},
@@ -73,6 +74,10 @@ class BrokerProcess:
         directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
         with sqlite3.connect(directory / "bench.db") as db:
             db.execute("CREATE TABLE customer (id INTEGER PRIMARY KEY, name TEXT)")
+            db.executemany(
+                "INSERT INTO customer (name) VALUES (?)",
+                ((f"Customer {i:05d}",) for i in range(CUSTOMERS)),
+            )
         db.close()
         own = {
             "Server": {

@@ -61,14 +61,21 @@ class TargetResult:
     name: str
     measured: Spread
     unit: str
-    limit: float
+    limit: float | None  # None: reported, with no target to meet
     upper: bool  # True: measured must be <= limit; False: >= limit
     detail: str = ""
 
     @property
-    def met(self) -> bool:
+    def met(self) -> bool | None:
+        """Whether the median meets the limit; None when there is no limit."""
+        if self.limit is None:
+            return None
         m = self.measured.median
         return m <= self.limit if self.upper else m >= self.limit
+
+    @property
+    def status(self) -> str:
+        return {True: "met", False: "MISSED", None: "reported"}[self.met]
 
 
 def per_run(runs: Runs, system: str, key: str) -> list[float | None]:
@@ -89,13 +96,13 @@ def num(value: float) -> str:
 @dataclass(frozen=True)
 class Ratio:
     """Target: ``ours.key / theirs.theirs_key``, run by run (the same run's baseline), then
-    the median over runs, against ``limit``."""
+    the median over runs, against ``limit`` (None: the ratio is reported, not judged)."""
 
     name: str
     ours: str
     theirs: str
     key: str
-    limit: float
+    limit: float | None
     upper: bool = True
     unit: str = ""  # of the key, for the detail column
     theirs_key: str = ""  # default: key

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from benchmarks import floors, metrics_cost, pbt, pools
+from benchmarks import floors, metrics_cost, pbt, pools, sharing
+from benchmarks.codeunits import CACHED_NOOP, CUES, NOOP, SHARED_CUES, SHARED_NOOP, SPIN, STOPPED
 from benchmarks.figure import Figure, Limit, Measurement, Ratio, Rule, Summary, Table, num
 from benchmarks.load import WINDOW
 from benchmarks.pools import PEBBLE_TIMEOUT, POOL_WORKERS
@@ -155,40 +156,62 @@ class TimeoutParams:
     timeout_ms: int = 200
 
 
-TIMEOUT = Figure(
-    name="timeout",
-    about="a spinning task's timeout error: arrival - enqueue reply - the timeout",
-    params=TimeoutParams(),
-    quick=TimeoutParams(n=3),
-    plan=lambda p: [
+def _timeout_plan(p: TimeoutParams) -> list[Measurement]:
+    timeout = {"n": p.n, "timeout_ms": p.timeout_ms}
+    return [
         Measurement(
             "pbt",
-            "pbt-server",
+            "pbt-server, Python code spinning (its stack taken, then the kill)",
             pbt.timeout_pbt,
-            {"n": p.n, "timeout_ms": p.timeout_ms},
+            {**timeout, "codeunit": SPIN, "stack": " in spin"},
+            broker=True,
+        ),
+        Measurement(
+            "pbt-stopped",
+            "pbt-server, worker stopped (no stack comes: the kill waits out the broker's limit)",
+            pbt.timeout_pbt,
+            {**timeout, "codeunit": STOPPED, "stack": "(no stack"},
             broker=True,
         ),
         Measurement(
             "pebble-timeout",
             f"pebble.ProcessPool({POOL_WORKERS}), its own timeout",
             pools.timeout_pebble,
-            {"n": p.n, "timeout_ms": p.timeout_ms},
+            timeout,
         ),
-    ],
+    ]
+
+
+TIMEOUT = Figure(
+    name="timeout",
+    about="a stuck task's timeout error, its stack taken first: arrival - enqueue reply - "
+    "the timeout",
+    params=TimeoutParams(),
+    quick=TimeoutParams(n=3),
+    plan=_timeout_plan,
     tables=lambda p: [
         Table(
             f"Timeout precision: error arrival - deadline, timeout {p.timeout_ms} ms (ms)",
-            [("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max")],
+            [
+                ("p50_ms", "p50"),
+                ("p99_ms", "p99"),
+                ("max_ms", "max"),
+                ("stack_bytes", "call stack (bytes)"),
+            ],
         )
     ],
     targets=lambda p: [
         Limit(
-            "timeout error p99 ≤ deadline + 20 ms",
-            "pbt",
+            f"timeout error p99 ≤ deadline + 20 ms{what}",
+            system,
             "p99_ms",
             20.0,
             "ms",
             detail=f"{p.n} timeouts per run; error ≈ arrival - enqueue reply - {p.timeout_ms} ms",
+        )
+        for system, what in (
+            ("pbt", ", the stuck code's stack in the error"),
+            ("pbt-stopped", ", a worker that cannot give its stack"),
         )
     ],
 )
@@ -585,6 +608,151 @@ METRICS = Figure(
 )
 
 
+# --- the role center at 9:00: shared executions -------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoleCenterParams:
+    sessions: int = 200  # users opening the role center at once
+    processes: int = 10  # asyncio client processes the sessions are spread over
+    query_ms: float = 20.0  # each cue's read of the customer table
+
+
+ROLE_CENTER_WORKERS: Final = 4  # a small server at the 9:00 rush
+
+
+def _role_center_plan(p: RoleCenterParams) -> list[Measurement]:
+    crowd = {"sessions": p.sessions, "processes": p.processes, "query_ms": p.query_ms}
+    return [
+        Measurement(
+            "plain",
+            "pbt-server, plain codeunits (every cue runs)",
+            sharing.role_center,
+            {**crowd, "cues": CUES},
+            broker=True,
+        ),
+        Measurement(
+            "shared",
+            "pbt-server, shared=True (identical cues attach to one execution)",
+            sharing.role_center,
+            {**crowd, "cues": SHARED_CUES},
+            broker=True,
+        ),
+    ]
+
+
+ROLE_CENTER = Figure(
+    name="rolecenter",
+    about=f"{RoleCenterParams.sessions} sessions open the same {len(CUES)}-cue role center at "
+    "once (a 20 ms read each): executions run and time until every cue is filled, plain vs "
+    "shared=True",
+    params=RoleCenterParams(),
+    quick=RoleCenterParams(sessions=20, processes=2),
+    broker={"Workers": {"Count": str(ROLE_CENTER_WORKERS)}},
+    plan=_role_center_plan,
+    tables=lambda p: [
+        Table(
+            f"Role center at 9:00: {p.sessions} sessions open the same {len(CUES)} cues at once "
+            f"(a {p.query_ms:g} ms read each, identical parameters), {ROLE_CENTER_WORKERS} workers",
+            [
+                ("executions", "executions run"),
+                ("attaches", "tasks attached"),
+                ("all_filled_ms", "every cue filled (ms)"),
+                ("session_p50_ms", "a session's cues filled, p50 (ms)"),
+            ],
+        )
+    ],
+    targets=lambda p: [
+        Ratio(
+            "role center, shared=True: executions run vs plain",
+            "shared",
+            "plain",
+            "executions",
+            None,
+            detail=f"{p.sessions} sessions x {len(CUES)} cues",
+        ),
+        Ratio(
+            "role center, shared=True: every cue filled vs plain",
+            "shared",
+            "plain",
+            "all_filled_ms",
+            None,
+            unit="ms",
+        ),
+    ],
+)
+
+
+# --- shared=True on a miss, and a cache hit, against a no-op ------------------------------
+
+
+@dataclass(frozen=True)
+class SharingParams:
+    n: int = 2000  # sequential round trips
+    warmup: int = 200
+
+
+def _sharing_plan(p: SharingParams) -> list[Measurement]:
+    calls = {"n": p.n, "warmup": p.warmup}
+    return [
+        Measurement(
+            "noop",
+            "plain no-op (unique parameters)",
+            sharing.round_trip,
+            {**calls, "codeunit": NOOP, "expect": "run"},
+            broker=True,
+        ),
+        Measurement(
+            "miss",
+            "shared=True no-op, unique parameters (every task a miss)",
+            sharing.round_trip,
+            {**calls, "codeunit": SHARED_NOOP, "expect": "miss"},
+            broker=True,
+        ),
+        Measurement(
+            "hit",
+            "shared=True, cache=True no-op, the same parameters (served from the cache)",
+            sharing.round_trip,
+            {**calls, "codeunit": CACHED_NOOP, "expect": "hit"},
+            broker=True,
+        ),
+    ]
+
+
+SHARING = Figure(
+    name="sharing",
+    about="sequential round trip of a shared=True no-op that always misses, and of a cache "
+    "hit, against a plain no-op",
+    params=SharingParams(),
+    quick=SharingParams(n=200, warmup=20),
+    plan=_sharing_plan,
+    tables=lambda p: [
+        Table(
+            "Shared executions and the cache: sequential round trip, sync client (µs)",
+            [("p50_us", "p50"), ("p99_us", "p99")],
+        )
+    ],
+    targets=lambda p: [
+        Ratio(
+            "cache hit round trip p50 < 1x a no-op's",
+            "hit",
+            "noop",
+            "p50_us",
+            1.0,
+            unit="µs",
+        ),
+        Ratio(
+            "shared=True on a miss: round trip p50 ≤ 1.05x a no-op's",
+            "miss",
+            "noop",
+            "p50_us",
+            1.05,
+            unit="µs",
+        ),
+    ],
+)
+
+
 FIGURES: Final[Sequence[Figure[Any]]] = (
     LATENCY,
     THROUGHPUT,
@@ -596,4 +764,6 @@ FIGURES: Final[Sequence[Figure[Any]]] = (
     SCALE,
     RSS,
     METRICS,
+    ROLE_CENTER,
+    SHARING,
 )

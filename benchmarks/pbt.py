@@ -131,22 +131,31 @@ def throughput_pbt(socket_path: str, sessions: int, total: int) -> Metrics:
 # --- timeout precision -----------------------------------------------------------------------
 
 
-def timeout_pbt(socket_path: str, n: int, timeout_ms: int) -> Metrics:
-    """Error arrival - enqueue reply arrival - the timeout (the worker's ack is not visible)."""
-    samples = []
+def timeout_pbt(
+    socket_path: str, n: int, timeout_ms: int, codeunit: int = SPIN, stack: str = ""
+) -> Metrics:
+    """Error arrival - enqueue reply arrival - the timeout (the worker's ack is not visible).
+
+    Before the kill the broker takes the stuck code's stack; every error's call stack must
+    contain ``stack`` (so the figure is known to measure the path it names)."""
+    samples, sizes = [], []
     with connect(socket_path) as session:
         page = _open_page(session)
         for _ in range(n):
             _wait_idle(session, 2)
-            task = page.enqueue_background_task(SPIN, timeout=timeout_ms)
+            task = page.enqueue_background_task(codeunit, timeout=timeout_ms)
             replied = time.perf_counter()
             error = task.exception(timeout=10)
             arrived = time.perf_counter()
             if error is None or getattr(error, "code", "") != "ChildSessionTaskTimeout":
                 raise BenchError(f"expected ChildSessionTaskTimeout, got {error!r}")
+            call_stack = str(getattr(error, "call_stack", ""))
+            if stack not in call_stack:
+                raise BenchError(f"the timeout's call stack lacks {stack!r}: {call_stack!r}")
             samples.append(arrived - replied - timeout_ms / 1000)
+            sizes.append(len(call_stack.encode()))
         _wait_idle(session, 2)
-    return stats_ms("", samples)
+    return stats_ms("", samples) | {"stack_bytes": percentile(sizes, 50)}
 
 
 # --- cancel -> slot free -----------------------------------------------------------------------

@@ -113,7 +113,7 @@ def render_markdown(report: Mapping[str, Any], figures: Sequence[tuple[Figure[An
         ]
         for t in report["targets"]:
             measured = _cell(t["measured"]) + (f" {t['unit']}" if t["unit"] else "")
-            status = "**met**" if t["met"] else "**MISSED**"
+            status = {True: "**met**", False: "**MISSED**", None: "reported"}[t["met"]]
             lines.append(f"| {t['name']} | {measured} | {t['detail']} | {status} |")
         lines += [
             "",
@@ -143,14 +143,12 @@ def render_markdown(report: Mapping[str, Any], figures: Sequence[tuple[Figure[An
 
 
 def targets_text(targets: Sequence[TargetResult]) -> str:
-    """One line per target for the terminal: met / MISSED, measured against the limit."""
+    """One line per target for the terminal: met / MISSED (or reported, with no limit),
+    measured against the limit."""
     out = []
     for t in targets:
-        op = "≤" if t.upper else "≥"
-        status = "met   " if t.met else "MISSED"
-        out.append(
-            f"{status} {t.name}: {num(t.measured.median)} {t.unit} ({op} {t.limit:g}); {t.detail}"
-        )
+        aim = "no target" if t.limit is None else f"{'≤' if t.upper else '≥'} {t.limit:g}"
+        out.append(f"{t.status:<8} {t.name}: {num(t.measured.median)} {t.unit} ({aim}); {t.detail}")
     return "\n".join(out)
 
 
