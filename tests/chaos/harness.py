@@ -474,14 +474,17 @@ class Harness:
                 break
             time.sleep(0.05)
         self.check_scrape()
-        pids = {w["pid"] for w in self.status["workers"]}
         deadline = time.monotonic() + 30
         while True:
+            # The pool's workers as of now: a worker that retired meanwhile (its task count,
+            # a leftover) has a replacement the first status did not list.
+            self.poll_status()
+            pids = {w["pid"] for w in self.status["workers"]}
             try:
                 children = psutil.Process(broker.pid).children()
-                extra = [(p.pid, p.name(), str(p.status())) for p in children if p.pid not in pids]
+                extra = [_describe(p) for p in children if p.pid not in pids]
             except psutil.Error as err:
-                extra = [(0, str(err), "")]
+                extra = [(0, str(err), "", "")]
             if not extra:
                 break
             if time.monotonic() > deadline:
@@ -647,3 +650,13 @@ def run_chaos(config: ChaosConfig) -> ChaosReport:
         report.elapsed = time.monotonic() - started
         harness.cleanup()
     return report
+
+
+def _describe(process: psutil.Process) -> tuple[int, str, str, str]:
+    """A child for the report: pid, name, state, and its age and command line."""
+    try:
+        age = time.time() - process.create_time()
+        command = " ".join(process.cmdline())[:120]
+        return (process.pid, process.name(), str(process.status()), f"{age:.1f} s old: {command}")
+    except psutil.Error as err:
+        return (process.pid, "", "", str(err))
