@@ -213,6 +213,9 @@ class Worker:
     pending: bytearray = field(default_factory=bytearray)  # job bytes the pipe did not take
     fed: int = 0  # bytes read from its result pipe so far
     draining: int = 0  # the job of the cancelled task it may still finish (DRAINING)
+    # Ends a stack dump at once when the worker dies during it (DUMPING): the last bytes
+    # of the dump and how the worker ended.
+    dump_end: Callable[[bytes, str], None] | None = None
     drain_timer: asyncio.TimerHandle | None = None
     log_handler: logging.Handler | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
@@ -613,15 +616,18 @@ class WorkerPool:
         timer: list[asyncio.TimerHandle] = []
         finished: list[bool] = []
 
-        def finish() -> None:
+        def finish(died: str = "") -> None:
             if finished:
                 return
             finished.append(True)
+            worker.dump_end = None
             if worker.state is WorkerState.DUMPING:  # not dead by itself meanwhile
                 self.loop.remove_reader(worker.stack_r)
                 self._kill(worker, reason, "timeout")
             text = dump[:STACK_LIMIT].decode("utf-8", "replace")
-            if not text:
+            if not text and died:
+                text = f"(no stack: the worker died while it was asked for it: {died})"
+            elif not text:
                 text = (
                     f"(no stack: the worker did not answer {STACK_SIGNAL.name} within"
                     f" {STACK_WAIT * 1000:.0f} ms: stopped, or stuck where no signal is handled)"
@@ -637,15 +643,21 @@ class WorkerPool:
                 return
             except OSError:
                 data = b""
-            timer[0].cancel()
-            if not data:  # the worker is gone: nothing more will come
-                finish()
+            if not data:  # the worker is gone: its pidfd says how, in a moment (dump_end)
+                self.loop.remove_reader(worker.stack_r)
                 return
+            timer[0].cancel()
             dump.extend(data)
             wait = min(STACK_QUIET, started + STACK_WAIT - self.loop.time())
             timer[0] = self.loop.call_later(max(wait, 0.0), finish)
 
+        def ended(data: bytes, how: str) -> None:
+            timer[0].cancel()
+            dump.extend(data)
+            finish(how)
+
         timer.append(self.loop.call_later(STACK_WAIT, finish))
+        worker.dump_end = ended
         self.loop.add_reader(worker.stack_r, readable)
         try:
             signal.pidfd_send_signal(worker.pidfd, STACK_SIGNAL)
@@ -1057,6 +1069,11 @@ class WorkerPool:
         code = worker.process.exitcode
         self.loop.remove_reader(worker.res_r)
         os.close(worker.res_r)
+        dump_end, worker.dump_end = worker.dump_end, None
+        rest = b""
+        if dump_end is not None:  # what it wrote of its stack before it died
+            with contextlib.suppress(OSError):
+                rest = os.read(worker.stack_r, STACK_LIMIT)
         self.loop.remove_reader(worker.stack_r)
         os.close(worker.stack_r)
         self._close_job_pipe(worker)
@@ -1071,10 +1088,13 @@ class WorkerPool:
         self._reaped.set()
         self._reap_orphans_later()  # what the worker started is ours now (subreaper)
         if previous is WorkerState.DUMPING and owned and not self._stopping:
-            # Died while its stack was being taken (the timeout's kill never came): the
-            # timeout still ends its task; the slot needs a worker.
-            self._ended("timeout")
+            self._ended("timeout")  # the slot needs a worker
             self.replace(worker.slot)
+        if dump_end is not None:
+            # Died while its stack was being taken (the timeout's kill never came): the
+            # timeout ends its task now, not when the wait for the stack runs out.
+            dump_end(rest, describe_exit(code))
+        if previous is WorkerState.DUMPING:
             return
         if previous is WorkerState.DRAINING:
             self.replace(STANDBY)  # it was to become the standby
