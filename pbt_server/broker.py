@@ -767,8 +767,10 @@ class Broker:
         self.scheduler.codeunits = image.codeunits
         self.scheduler.sharing = _sharing(image)
         self.progress.interval = config.asynchronous_processing.progress_interval_ms / 1000
-        # The new code may compute otherwise: nothing the old one returned is served.
+        # The new code may compute otherwise: nothing the old one returned is served, now or
+        # when a run it started ends.
         self.cache.clear()
+        self.scheduler.renew_executions()
         self.cache.limit = config.workers.result_cache_mb << 20
         self.cache.version = _data_version(config)
         self.watchdog.ack_timeout = config.workers.ack_timeout_ms / 1000

@@ -24,7 +24,9 @@ id, page, record and cancellation; it holds no worker, so its session counts it 
 waiting tasks (``ChildSessionsMaxQueueLength``) and never against its concurrency. The
 execution's timeout is its first task's. When it ends, every attached task ends the same
 way (:meth:`Scheduler.end_execution`); when the last attached task is cancelled, so is the
-execution (:meth:`Scheduler.take_abandoned`: the broker kills its worker if it runs).
+execution (:meth:`Scheduler.take_abandoned`: the broker kills its worker if it runs). After a
+reload no new task attaches to an execution already handed to a worker (it runs the old
+code: :meth:`Scheduler.renew_executions`).
 
 Task states (every move happens in one method, named in a comment)::
 
@@ -388,6 +390,16 @@ class Scheduler:
             task.session.waiting -= 1
             self._forget(task)
         return attached
+
+    def renew_executions(self) -> None:
+        """A reload: an execution already handed to a worker runs the old code, so no task
+        enqueued from now on attaches to it and its results are not cached; a waiting one
+        will run the new code and stays open to identical tasks."""
+        for key, execution in list(self._executions.items()):
+            if execution.state is not TaskState.WAITING:
+                del self._executions[key]
+                execution.key = None
+                execution.cacheable = False
 
     def take_served(self) -> list[tuple[Task, dict[str, str]]]:
         """The tasks answered from the cache since the last call, with their results."""

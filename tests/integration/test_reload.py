@@ -39,6 +39,11 @@ def hold(ctx):
     while not os.path.exists(ctx.parameters["release"]):
         time.sleep(0.005)
     return {{"version": VERSION}}
+
+
+@codeunit(503, shared=True, cache=True)
+def shared_hold(ctx):
+    return hold(ctx)
 '''
 
 
@@ -101,6 +106,11 @@ def rewrite_ini(broker: BrokerProcess, code_dir: Path, **sections: dict[str, str
     write_ini(broker.config, current)
 
 
+def running_codeunits(broker: BrokerProcess) -> list[int]:
+    """The codeunits the broker's workers run now (shared executions too)."""
+    return [w["codeunit"] for w in broker.status()["workers"] if w["state"] == "busy"]
+
+
 def test_running_tasks_finish_on_the_old_code_and_waiting_ones_run_the_new(
     reloadable: Callable[..., BrokerProcess], code_dir: Path, tmp_path: Path
 ) -> None:
@@ -125,6 +135,43 @@ def test_running_tasks_finish_on_the_old_code_and_waiting_ones_run_the_new(
     log = broker.log_text()
     assert "reloaded (pbt-server reload)" in log
     assert "ServerShuttingDown" not in log
+
+
+def test_a_task_enqueued_after_a_reload_does_not_attach_to_an_old_code_execution(
+    reloadable: Callable[..., BrokerProcess], code_dir: Path, tmp_path: Path
+) -> None:
+    broker = reloadable()
+    release = tmp_path / "release"
+    params = {"release": str(release)}
+    with broker.connect() as session:
+        page = session.open_page("Role Center")
+        before = page.enqueue_background_task(503, params)
+        wait_until(lambda: running_codeunits(broker) == [503])
+        write_module(code_dir, "2")
+        assert reload_command(broker).returncode == 0
+        after = page.enqueue_background_task(503, params)  # identical, but the code is new
+        release.touch()
+        assert before.result(timeout=30) == {"version": "1"}  # it was running: old code
+        assert after.result(timeout=30) == {"version": "2"}
+        assert broker.status()["totals"]["shared"]["attaches"] == 0
+
+
+def test_a_cached_execution_that_ends_after_a_reload_is_not_served_afterwards(
+    reloadable: Callable[..., BrokerProcess], code_dir: Path, tmp_path: Path
+) -> None:
+    broker = reloadable()
+    release = tmp_path / "release"
+    params = {"release": str(release)}
+    with broker.connect() as session:
+        page = session.open_page("Role Center")
+        before = page.enqueue_background_task(503, params)
+        wait_until(lambda: running_codeunits(broker) == [503])
+        write_module(code_dir, "2")
+        assert reload_command(broker).returncode == 0
+        release.touch()
+        assert before.result(timeout=30) == {"version": "1"}
+        # The data has not changed, but the code has: the old code's result is not served.
+        assert page.enqueue_background_task(503, params).result(timeout=30) == {"version": "2"}
 
 
 def test_a_module_that_fails_to_import_keeps_the_running_code(

@@ -386,3 +386,22 @@ def test_a_requeued_execution_keeps_its_attached_tasks():
     assert tb.execution is execution
     assert s.next_task() is execution
     assert s.end_execution(execution, TaskState.FAILED) == [ta, tb]
+
+
+def test_after_a_reload_identical_tasks_attach_only_to_executions_not_yet_handed_out():
+    s = shared_scheduler()
+    a = s.open_session()
+    s.open_page(a, "P", "")
+    running = enqueue(s, a, codeunit=2, parameters={"k": "running"}).execution
+    waiting = enqueue(s, a, codeunit=2, parameters={"k": "waiting"}).execution
+    assert s.next_task() is running
+    s.started(running)
+    running.cacheable = True
+    s.renew_executions()  # the reload: new code from now on
+    assert running.cacheable is False  # what the old code returns is not cached
+    late = enqueue(s, a, codeunit=2, parameters={"k": "running"})
+    assert late.execution is not running  # a new run, on the new code
+    assert enqueue(s, a, codeunit=2, parameters={"k": "waiting"}).execution is waiting
+    ended = s.end_execution(running, TaskState.COMPLETED)  # the old run ends cleanly
+    assert len(ended) == 1
+    assert enqueue(s, a, codeunit=2, parameters={"k": "running"}).execution is late.execution
