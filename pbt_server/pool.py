@@ -495,11 +495,9 @@ class WorkerPool:
         old = len(self.slots)
         if workers.count < old:
             for worker in self.slots[workers.count :]:
-                if worker is not None and worker.state not in (
-                    WorkerState.IDLE,
-                    WorkerState.BOOTING,
-                ):
-                    self._others.add(worker)  # busy: retired when its task ends
+                if worker is not None:
+                    # Idle or booting: retired below; busy: retired when its task ends.
+                    self._others.add(worker)
             del self.slots[workers.count :]
         # The standby first, so no slot is refilled with a worker of the old code.
         for worker in [self.standby, *self.slots, *self._others]:

@@ -417,3 +417,21 @@ def test_a_smaller_pool_lets_busy_workers_finish_first(
         wait_until(one_slot, timeout=30)
         assert page.enqueue_background_task(500).result(timeout=30) == {"version": "1"}
     wait_until(lambda: len(broker._children()) == 2, timeout=30)  # one worker, one standby
+
+
+def test_a_smaller_pool_retires_its_idle_workers(
+    start_broker: Callable[..., BrokerProcess], code_dir: Path
+) -> None:
+    broker = start_broker(settings(code_dir, Count="3"), env={"PYTHONPATH": str(code_dir)})
+    wait_until(lambda: [w["state"] for w in broker.status()["workers"]] == ["idle"] * 4)
+    write_module(code_dir, "2")
+    rewrite_ini(broker, code_dir, Workers={"Count": "1"})
+    assert reload_command(broker).returncode == 0
+    with broker.connect() as session:
+        page = session.open_page("Cue")
+        # No worker of a removed slot runs anything, let alone the old code.
+        done = [page.enqueue_background_task(500).result(timeout=30) for _ in range(3)]
+        assert done == [{"version": "2"}] * 3
+    wait_until(lambda: len(broker._children()) == 2, timeout=30)  # one worker, one standby
+    assert "died" not in broker.log_text()  # retired, not killed as strays
+    assert broker.status()["totals"]["worker_ends"].get("crash", 0) == 0
