@@ -7,8 +7,9 @@
 
 Runs the harness of ``tests/chaos/`` (its docstring lists what is checked) against one live
 broker: ledger clients enqueue, cancel, change records and break connections while workers
-are SIGKILLed and SIGSTOPped and victim clients are killed. Prints the counts and every
-violation (each names the seed, client, session and task). Exit code: 0 = no violation.
+are SIGKILLed and SIGSTOPped, victim clients are killed, the harness writes to the database
+and reloads the broker. Prints the counts and every violation (each names the seed, client,
+session and task). Exit code: 0 = no violation.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ OVERRIDES = (
     "log_level",
     "inject",
     "stall_timeout",
+    "write_interval",
+    "reload_interval",
+    "journal",
+    "cancel_grace",
 )
 
 
@@ -55,6 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="self-test: tamper with client-side events; the run must report violations",
     )
     parser.add_argument("--stall-timeout", type=float, help="s without progress = lost tasks")
+    parser.add_argument(
+        "--write-interval", type=float, help="mean s between the harness's database writes"
+    )
+    parser.add_argument("--reload-interval", type=float, help="mean s between reloads (0: none)")
+    parser.add_argument(
+        "--journal", choices=["wal", "delete"], help="SQLite journal mode (default: by the seed)"
+    )
+    parser.add_argument("--cancel-grace", help="[Workers] CancelGrace (default 00:00:00.050)")
     parser.add_argument("-v", "--verbose", action="store_true", help="progress every 10 s")
     return parser.parse_args(argv)
 

@@ -1,9 +1,10 @@
 """A chaos client process: ``python -m tests.chaos.client SPEC_JSON``.
 
 Runs episodes on ``sessions`` lanes (asyncio, or blocking threads) until its share of the
-tasks is accepted (a victim runs until the harness kills it), then writes its counts and
-violations as JSON to ``spec["result"]``; every two seconds it writes how many tasks it got
-accepted to the ``.progress`` file beside it.
+tasks is accepted (a victim runs until the harness kills it), then writes its counts,
+violations and what the harness checks across clients (the shared tasks' records, the
+latest enqueue per code generation) as JSON to ``spec["result"]``; every two seconds it
+writes how many tasks it got accepted to the ``.progress`` file beside it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class ClientState:
         self.codeunit = CHAOS_VICTIM if self.victim else CHAOS
         self.counts: collections.Counter[str] = collections.Counter()
         self.violations: list[str] = []
+        self.shared: list[dict[str, Any]] = []
+        self.latest_gen: dict[str, tuple[float, str]] = {}
         self.lock = threading.Lock()
         self.episodes = 0
 
@@ -60,6 +63,10 @@ class ClientState:
         with self.lock:
             self.counts.update(ledger.counts)
             self.violations += ledger.violations
+            self.shared += ledger.shared_records()
+            for gen, latest in ledger.latest_gen.items():
+                if latest[0] > self.latest_gen.get(gen, (-1.0, ""))[0]:
+                    self.latest_gen[gen] = latest
 
 
 @contextlib.contextmanager
@@ -105,7 +112,13 @@ def client_main(spec: Mapping[str, Any]) -> int:
         except BaseException as err:  # report it: the harness turns it into a violation
             crashed = "".join(traceback.format_exception(err))
     text = json.dumps(
-        {"counts": dict(client.counts), "violations": client.violations, "crashed": crashed}
+        {
+            "counts": dict(client.counts),
+            "violations": client.violations,
+            "crashed": crashed,
+            "shared": client.shared,
+            "latest_gen": client.latest_gen,
+        }
     )
     result.with_suffix(".tmp").write_text(text)
     result.with_suffix(".tmp").rename(result)

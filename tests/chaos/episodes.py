@@ -8,7 +8,8 @@ The driver is written once, as a coroutine, over a small :class:`Flavour` adapte
   with one ``send(None)``, on the lane's own thread.
 
 What the flavours differ in is the adapter's few lines: how to call, wait, sleep and break
-the connection, and whether the ledger's checks may assume one thread (``strict``).
+the connection, whether the ledger's checks may assume one thread (``strict``), and whether
+an episode may iterate ``task.progress_updates()`` beside its other work (asyncio only).
 """
 
 from __future__ import annotations
@@ -20,13 +21,22 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, Protocol, TypeVar
 
 from pbt_server import client as blocking
 from pbt_server.client import aio
 from pbt_server.errors import CancelReason, ConnectionLost, EnqueueError, PbtError
-from tests.chaos.ledger import TIMING_OUT, Ledger, Outcome, PageRec, TaskRec, classify
+from tests.chaos.ledger import (
+    TIMING_OUT,
+    IterRec,
+    Ledger,
+    Outcome,
+    PageRec,
+    TaskRec,
+    classify,
+)
+from tests.chaos_codeunits import CHAOS, SHARED_CODEUNITS
 
 T = TypeVar("T")
 
@@ -42,7 +52,25 @@ MODE_WEIGHTS: Final = {
     "spawn_exit": 0.5,
     "escape": 0.4,
     "escape_done": 0.5,
+    "progress": 3.0,
 }
+# The shared codeunits (CHAOS_SHARED, CHAOS_PER_CONTEXT, CHAOS_CACHED): their modes, and a
+# few parameter sets (``key``) each, so that tasks of many sessions are identical.
+P_SHARED: Final = 0.3  # of a ledger session's tasks
+SHARED_MODE_WEIGHTS: Final = {
+    "fast": 30.0,
+    "sleep": 30.0,
+    "progress": 25.0,
+    "raise": 10.0,
+    "spin": 1.0,
+    "exit": 1.5,
+}
+SHARED_KEYS: Final = {1: 45.0, 2: 45.0, 3: 10.0}  # key -> weight
+LONG_SLEEP_MS: Final = 300  # shared sleep of key 3: often still running when a reload is done
+USERS: Final = ("u1", "u2")  # the sessions' contexts (what per_context executions tell apart)
+P_WATCH_PROGRESS: Final = 0.85  # of pages: with on_progress
+P_ITERATE: Final = 0.4  # of progress tasks (asyncio): also iterate progress_updates()
+ITERATIONS_END: Final = 10.0  # seconds the session's end waits for its iterations
 NORMAL_TIMEOUT_MS: Final = 2000
 SPIN_TIMEOUT_MS: Final = (50, 200)
 LEVELS: Final = ("Ignore", "Warning", "Error")
@@ -67,22 +95,26 @@ class Flavour(Protocol):
     strict: bool  # one thread: local state changes are atomic with the client's
     windows: tuple[int, ...]  # tasks in flight an episode may keep
     race_delays: tuple[float, ...]  # seconds between an enqueue and its racing cancel
+    iterates: bool  # may run progress_updates() iterations beside the episode
 
-    async def connect(self, address: str) -> Any: ...
+    async def connect(self, address: str, context: Mapping[str, str]) -> Any: ...
     async def call(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any: ...
     def event(self) -> Event: ...
     async def wait(self, event: Event, seconds: float) -> None: ...
     async def sleep(self, seconds: float) -> None: ...
     async def break_connection(self, session: Any) -> None: ...
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> Any: ...
+    async def join(self, spawned: list[Any], seconds: float) -> None: ...
 
 
 class AioFlavour:
     strict: bool = True
     windows: tuple[int, ...] = (1, 3, 8, 20, 30, 40, 80)
     race_delays: tuple[float, ...] = (0.0, 0.0, 0.001, 0.003, 0.01, 0.03)
+    iterates: bool = True
 
-    async def connect(self, address: str) -> aio.Session:
-        return await aio.connect(address, timeout=60)
+    async def connect(self, address: str, context: Mapping[str, str]) -> aio.Session:
+        return await aio.connect(address, timeout=60, context=context)
 
     async def call(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         return await function(*args, **kwargs)
@@ -106,6 +138,18 @@ class AioFlavour:
         async with asyncio.timeout(30):
             await connection.disconnected
 
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(coroutine)
+
+    async def join(self, spawned: list[Any], seconds: float) -> None:
+        """Wait up to ``seconds`` for the spawned tasks; cancel those still running."""
+        if not spawned:
+            return
+        _done, pending = await asyncio.wait(spawned, timeout=seconds)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
 
 class BlockingFlavour:
     """The blocking client: a reader and a dispatcher thread per session race our state."""
@@ -113,9 +157,10 @@ class BlockingFlavour:
     strict: bool = False
     windows: tuple[int, ...] = (1, 3, 8, 20, 40)
     race_delays: tuple[float, ...] = (0.0,)
+    iterates: bool = False
 
-    async def connect(self, address: str) -> blocking.Session:
-        return blocking.connect(address, timeout=60)
+    async def connect(self, address: str, context: Mapping[str, str]) -> blocking.Session:
+        return blocking.connect(address, timeout=60, context=context)
 
     async def call(self, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
@@ -136,6 +181,13 @@ class BlockingFlavour:
         deadline = time.monotonic() + 30
         while not session.closed and time.monotonic() < deadline:
             time.sleep(0.05)  # noqa: ASYNC251 (blocking on purpose: no event loop here)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        coroutine.close()
+        raise RuntimeError("the blocking flavour runs nothing beside its episode")
+
+    async def join(self, spawned: list[Any], seconds: float) -> None:
+        pass
 
 
 def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -180,6 +232,8 @@ class Episode:
         self.started = time.monotonic()
         self.last_progress = time.monotonic()
         self.progress = flavour.event()
+        self.user = rng.choice(USERS)
+        self.iterations: list[Any] = []  # progress_updates() iterations running beside
 
     def tap(self, message: dict[str, object]) -> None:
         self.ledger.on_frame(message)
@@ -188,8 +242,9 @@ class Episode:
     async def run(self, claim: int) -> Ledger:
         rng = self.rng
         ledger = self.ledger
-        self.session = await self.io.connect(self.client.socket)
+        self.session = await self.io.connect(self.client.socket, {"user": self.user})
         ledger.session_id = self.session.id
+        ledger.user = self.user
         self.session._core.tap = self.tap
         self.session.on_notification = ledger.notification
         try:
@@ -224,6 +279,8 @@ class Episode:
             for rec in ledger.tasks:
                 await self.sweep_one(rec)
                 rec.final = await self.outcome(rec)
+            # Every handle has its outcome now: each iteration must have ended, or end soon.
+            await self.io.join(self.iterations, ITERATIONS_END)
         ledger.verify()
         return ledger
 
@@ -267,19 +324,27 @@ class Episode:
     def new_task(self) -> TaskRec:
         rng = self.rng
         page = rng.choice(self.pages)
-        mode = rng.choices(list(MODE_WEIGHTS), weights=list(MODE_WEIGHTS.values()))[0]
         self.n += 1
         token = f"c{self.client.index}e{self.seq}n{self.n}"
-        params = {
-            "mode": mode,
-            "token": token,
-            "page": str(page.seq),
-            "episode": str(self.seq),
-            "ms": str(rng.randint(1, 30) if mode == "sleep" else rng.randint(1, 255)),
-            "pids": self.client.pids,
-        }
-        if rng.random() < 0.05:  # sometimes a larger payload
-            params["pad"] = "x" * rng.randint(100, 20_000)
+        codeunit = self.client.codeunit
+        if codeunit == CHAOS and rng.random() < P_SHARED:
+            codeunit = rng.choice(SHARED_CODEUNITS)
+            mode, params = self.shared_params()
+        else:
+            mode = rng.choices(list(MODE_WEIGHTS), weights=list(MODE_WEIGHTS.values()))[0]
+            params = {
+                "mode": mode,
+                "token": token,
+                "page": str(page.seq),
+                "episode": str(self.seq),
+                "ms": str(rng.randint(1, 30) if mode == "sleep" else rng.randint(1, 255)),
+                "pids": self.client.pids,
+            }
+            if mode == "progress":
+                params["ms"] = str(rng.randint(5, 15))
+                params["steps"] = str(rng.randint(3, 8))
+            if rng.random() < 0.05:  # sometimes a larger payload
+                params["pad"] = "x" * rng.randint(100, 20_000)
         return TaskRec(
             token=token,
             mode=mode,
@@ -290,7 +355,21 @@ class Episode:
             level=rng.choice(LEVELS),
             handled=rng.random() < 0.5,
             raise_in_trigger=rng.random() < 0.02,
+            codeunit=codeunit,
         )
+
+    def shared_params(self) -> tuple[str, dict[str, str]]:
+        """A shared task: one of a few parameter sets, identical to other sessions' tasks."""
+        rng = self.rng
+        mode = rng.choices(list(SHARED_MODE_WEIGHTS), weights=list(SHARED_MODE_WEIGHTS.values()))[0]
+        key = rng.choices(list(SHARED_KEYS), weights=list(SHARED_KEYS.values()))[0]
+        params = {"mode": mode, "key": str(key), "ms": "7"}
+        if mode == "sleep":
+            params["ms"] = str(LONG_SLEEP_MS if key == 3 else 5 + 10 * key)
+        elif mode == "progress":
+            params["ms"] = str(8 + 2 * key)
+            params["steps"] = str(3 + key)
+        return mode, params
 
     def timeout_of(self, rec: TaskRec) -> int:
         if rec.mode in TIMING_OUT:
@@ -301,22 +380,25 @@ class Episode:
         seq = len(self.all_pages) + 1
         record = f"R{self.rng.randint(1, 9)}"
         page = await self.io.call(self.session.open_page, f"Chaos {seq}", record_id=record)
-        rec = PageRec(page, seq)
+        rec = PageRec(page, seq, watches_progress=self.rng.random() < P_WATCH_PROGRESS)
         ledger = self.ledger
         page.on_completed = lambda task_id, results: ledger.trigger_completed(rec, task_id, results)
         page.on_error = lambda task_id, code, text, stack: ledger.trigger_error(
             rec, task_id, code, text, stack
         )
+        if rec.watches_progress:
+            page.on_progress = lambda task_id, progress: ledger.on_progress(rec, task_id, progress)
         self.pages.append(rec)
         self.all_pages.append(rec)
 
     async def enqueue(self) -> bool:
         rec = self.new_task()
         expected_id = self.ledger.register(rec)
+        rec.t_enqueue = time.monotonic()
         try:
             handle = await self.io.call(
                 rec.page.page.enqueue_background_task,
-                self.client.codeunit,
+                rec.codeunit,
                 rec.params,
                 timeout=self.timeout_of(rec),
                 error_level=rec.level,
@@ -326,12 +408,25 @@ class Episode:
             return False
         self.ledger.accepted(rec, handle, time.monotonic() - self.started)
         self.pending.append(rec)
+        if rec.mode == "progress" and self.io.iterates and self.rng.random() < P_ITERATE:
+            self.iterations.append(self.io.spawn(self.iterate(rec)))
         if self.rng.random() < P_RACE_CANCEL:
             delay = self.rng.choice(self.io.race_delays)
             if delay:
                 await self.io.sleep(delay)
             await self.cancel(rec)
         return True
+
+    async def iterate(self, rec: TaskRec) -> None:
+        """Follow the task's progress with ``progress_updates()`` until it ends by itself."""
+        it = IterRec()
+        rec.iterated.append(it)
+        try:
+            async for value in rec.handle.progress_updates():
+                it.values.append((dict(value), rec.handle.done()))
+            it.ended = True
+        except Exception as err:  # the ledger reports it
+            it.error = repr(err)
 
     async def cancel(self, rec: TaskRec) -> None:
         if rec.cancel_result is not None:

@@ -4,19 +4,25 @@
 
     harness (this process) ─────────────── starts ──▶ broker (python -m pbt_server run)
       │ monitor session: status polls, SIGKILL / SIGSTOP (+ SIGCONT later) of workers,     ▲
-      │ RSS samples of the broker                                                          │
+      │ RSS samples of the broker; writes to the database (chaos_meta) through a           │
+      │ connection of its own; reloads (pbt-server reload, SIGHUP, an operator request)    │
+      │ with new settings and a new code generation                                        │
       ├─ ledger clients (python -m tests.chaos.client, aio or blocking): sessions that     │
-      │  enqueue the Chaos codeunit (tests/chaos_codeunits.py), cancel by id (also racing  ├─
-      │  completion), change records, close pages, close or break their connection; each
-      │  keeps a ledger of every task (tests/chaos/ledger.py) and checks it when the
-      │  session ends
+      │  enqueue the Chaos codeunit and the shared ones (tests/chaos_codeunits.py), follow ├─
+      │  progress, cancel by id (also racing completion), change records, close pages,
+      │  close or break their connection; each keeps a ledger of every task
+      │  (tests/chaos/ledger.py) and checks it when the session ends
       └─ victim clients: the same load, SIGKILLed at random moments, then replaced
 
-After the chaos the broker must settle (no session or task left), its ``/metrics`` must add
-up to the ledgers (``ledger.scrape_violations``), it must still complete a fresh task, not
-have grown its RSS, stop cleanly under a burst of load (every pending handle ends
-``ServerShuttingDown``), leave no worker, grandchild or zombie behind, and have logged no
-traceback.
+The shared codeunits' records of every client are checked together against the harness's
+writes and reloads (``ledger.cross_violations``): one execution's tasks agree, cached results
+serve only while the data is unchanged, a task enqueued after a reload runs the new code.
+
+After the chaos the broker must settle (no session, task or shared execution left), its
+``/metrics`` must add up to the ledgers per codeunit (``ledger.scrape_violations``), it must
+still complete a fresh task, not have grown its RSS, stop cleanly under a burst of load
+(every pending handle ends ``ServerShuttingDown``), leave no worker, grandchild or zombie
+behind, and have logged no traceback.
 
 Frozen workers are resumed after ``STOP_HOLD``; one that by then still holds a task (never
 acknowledged, so its timeout clock never started, and no ack deadline gave up on it) is
@@ -26,6 +32,7 @@ reported apart, as a "finding".
 from __future__ import annotations
 
 import collections
+import configparser
 import contextlib
 import ctypes
 import dataclasses
@@ -34,6 +41,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -50,10 +58,17 @@ from pbt_server import client as blocking
 from pbt_server.config import load_config
 from pbt_server.errors import PbtError
 from tests import scrape
-from tests.broker_process import REPO, BrokerProcess, alive
+from tests.broker_process import REPO, BrokerProcess, alive, make_database, write_ini
 from tests.chaos.episodes import NORMAL_TIMEOUT_MS
-from tests.chaos.ledger import classify, scrape_violations
-from tests.chaos_codeunits import CHAOS, starttime
+from tests.chaos.ledger import (
+    Reload,
+    Write,
+    classify,
+    cross_violations,
+    of_codeunit,
+    scrape_violations,
+)
+from tests.chaos_codeunits import CHAOS, GENERATION_VARIABLE, SHARED_CODEUNITS, starttime
 
 MARKER: Final = "PBT_CHAOS_RUN"  # in the broker's environment, inherited by all it starts
 PR_SET_CHILD_SUBREAPER: Final = 36
@@ -62,6 +77,15 @@ PR_SET_CHILD_SUBREAPER: Final = 36
 # A frozen worker is given up on after AckTimeout: hold STOPs past both it and the timeout.
 ACK_TIMEOUT: Final = load_config(None, environ={}).workers.ack_timeout_ms / 1000
 STOP_HOLD: Final = max(NORMAL_TIMEOUT_MS / 1000, ACK_TIMEOUT) + 2.5
+LEDGER_CODEUNITS: Final = (CHAOS, *SHARED_CODEUNITS)  # what ledger clients enqueue
+# What a reload may change: the pool's size and two timings (CancelGrace stays above 0, so a
+# cancelled running task always goes through the grace).
+RELOAD_GRACES: Final = ("00:00:00.050", "00:00:00.020", "00:00:00.150")
+RELOAD_INTERVALS: Final = ("00:00:00.020", "00:00:00.050", "00:00:00.100")
+# How a reload is asked for: `pbt-server reload`, SIGHUP, or the operator request the command
+# sends, made from here (then the harness knows to the millisecond when it completed, so a
+# shared execution of the old code is often still running then).
+RELOAD_WAYS: Final = {"command": 0.4, "sighup": 0.3, "request": 0.3}
 
 
 @dataclasses.dataclass
@@ -80,6 +104,11 @@ class ChaosConfig:
     victim_lifetime: float = 3.0  # mean seconds a victim client lives
     stall_timeout: float = 60.0  # a session with no outcome for this long reports lost tasks
     deadline: float = 0.0  # seconds for the whole run (0: from the task count)
+    cancel_grace: str = "00:00:00.050"  # CancelGrace: a cancelled running task's grace
+    progress_interval: str = "00:00:00.020"  # ProgressInterval (short: more progress)
+    write_interval: float = 0.3  # mean seconds between the harness's database writes (0: none)
+    reload_interval: float = 6.0  # mean seconds between reloads (0: none)
+    journal: str = ""  # the database's journal mode: wal, delete, or "" (by the seed)
     log_level: str = "WARNING"
     verbose: bool = False
     # Self-test of the ledger: tamper with every 40th outcome event a client receives
@@ -139,6 +168,13 @@ class ChaosReport:
             f"  triggers: completed {c['trigger:completed']}, error {c['trigger:error']}; "
             f"notifications: {group('notification:')}",
             f"  stopped under load: {group('burst:')}",
+            f"  shared tasks: {group('shared:')}; cache: served {c['cache:served']} (broker "
+            f"hits {c['cache:hits']}, misses {c['cache:misses']}); data writes {c['writes']} "
+            f"({'WAL' if c['journal:wal'] else 'rollback journal'})",
+            f"  progress: {group('progress:')}",
+            f"  reloads: {c['reloads']} (by pbt-server reload {c['reloads:command']}, SIGHUP "
+            f"{c['reloads:sighup']}, operator request {c['reloads:request']}), code generation "
+            f"{c['generation']} at the end",
             f"  the broker's metrics: {c['scrape:tasks']} tasks ended (the ledgers: "
             f"{c['accepted']} accepted; events seen {group('broker:')})",
             f"  unexpected crashes {c['unexpected_crash']} + timeouts "
@@ -224,6 +260,15 @@ class Harness:
         self.stopped: dict[int, tuple[float, str, object]] = {}  # pid -> (when, state, task)
         self.next_client = 0
         self.status: dict[str, Any] = {}
+        self.database = self.run_dir / "chaos.db"
+        self.generation_file = self.run_dir / "generation"
+        self.db: sqlite3.Connection | None = None  # the harness's own, writing connection
+        self.writes: list[Write] = []
+        self.reloads: list[Reload] = []
+        self.reloading: tuple[subprocess.Popen[bytes], int] | None = None
+        self.generation = 0
+        self.shared: list[dict[str, Any]] = []  # the ledger clients' shared task records
+        self.latest_gen: dict[str, tuple[float, str]] = {}
 
     def log(self, text: str) -> None:
         if self.config.verbose:
@@ -232,22 +277,35 @@ class Harness:
     # --- setup -----------------------------------------------------------------------------
 
     def start_broker(self) -> None:
+        config = self.config
+        journal = config.journal or ("wal" if config.seed % 2 == 0 else "delete")
+        make_database(self.database)
+        with contextlib.closing(sqlite3.connect(self.database, isolation_level=None)) as db:
+            db.execute(f"PRAGMA journal_mode = {journal}")
+            db.execute("CREATE TABLE chaos_meta (version INTEGER NOT NULL)")
+            db.execute("INSERT INTO chaos_meta VALUES (0)")
+        self.counts[f"journal:{journal}"] = 1
+        self.generation_file.write_text("0")
         broker = BrokerProcess.start(
             {
                 "Workers": {
-                    "Count": str(self.config.workers),
-                    "MaxTasksPerWorker": str(self.config.max_tasks_per_worker),
+                    "Count": str(config.workers),
+                    "MaxTasksPerWorker": str(config.max_tasks_per_worker),
+                    "CancelGrace": config.cancel_grace,
                 },
                 "Codeunits": {"Modules": "tests.codeunits tests.chaos_codeunits"},
-                "Server": {"LogLevel": self.config.log_level, "MetricsAddress": "127.0.0.1:0"},
+                "Server": {"LogLevel": config.log_level, "MetricsAddress": "127.0.0.1:0"},
                 "AsynchronousProcessing": {
-                    "ChildSessionsMaxQueueLength": str(self.config.queue_length),
+                    "ChildSessionsMaxQueueLength": str(config.queue_length),
+                    "ProgressInterval": config.progress_interval,
                 },
+                "Database": {"Url": f"sqlite:///{self.database}"},
             },
-            env={MARKER: self.marker},
+            env={MARKER: self.marker, GENERATION_VARIABLE: str(self.generation_file)},
         )
         self.broker = broker
         self.monitor = broker.connect()
+        self.db = sqlite3.connect(self.database, timeout=30, isolation_level=None)
 
     def spawn_client(self, *, victim: bool, tasks: int, sessions: int, flavour: str) -> None:
         assert self.broker is not None
@@ -356,6 +414,102 @@ class Harness:
         while keep and len(self.victims) < self.config.victims:
             self.spawn_client(victim=True, tasks=0, sessions=4, flavour="aio")
 
+    def write(self) -> None:
+        """Commit a new data version through the harness's own connection, timed."""
+        assert self.db is not None
+        version = self.writes[-1].version + 1 if self.writes else 1
+        start = time.monotonic()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("UPDATE chaos_meta SET version = ?", (version,))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as err:
+            # The workers' reads must never keep the application from writing for long.
+            self.report.violations.append(f"the harness's write of version {version}: {err}")
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            return
+        self.writes.append(Write(start, time.monotonic(), version))
+        self.counts["writes"] += 1
+
+    def reload(self) -> None:
+        """A new code generation and new settings, by ``pbt-server reload`` or SIGHUP."""
+        assert self.broker is not None
+        if self.reloading is not None:
+            return  # one at a time: the last one's time is what the checks need
+        self.generation += 1
+        tmp = self.generation_file.with_suffix(".tmp")
+        tmp.write_text(str(self.generation))
+        tmp.rename(self.generation_file)
+        self.rewrite_settings()
+        self.counts["reloads"] += 1
+        way = self.rng.choices(list(RELOAD_WAYS), weights=list(RELOAD_WAYS.values()))[0]
+        self.counts[f"reloads:{way}"] += 1
+        if way == "sighup":
+            os.kill(self.broker.pid, signal.SIGHUP)
+            # Known complete only once a later reload has returned (they run one at a time,
+            # in order).
+            self.reloads.append(Reload(self.generation, None))
+            return
+        if way == "request":
+            try:
+                with blocking.connect(str(self.broker.socket), operator=True) as operator:
+                    operator._request("reload", {}, timeout=90)
+            except (PbtError, TimeoutError) as err:
+                self.report.violations.append(f"reload (to generation {self.generation}): {err!r}")
+                return
+            self.reloaded(self.generation, time.monotonic())
+            return
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pbt_server", "reload", "--config", str(self.broker.config)],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.reloading = (process, self.generation)
+
+    def reload_done(self, *, wait: bool = False) -> None:
+        """Take the answer of a `pbt-server reload` under way, if it has come."""
+        if self.reloading is None:
+            return
+        process, generation = self.reloading
+        if wait:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=120)
+        if process.poll() is None:
+            if not wait:
+                return
+            process.kill()
+        output = process.communicate()[0].decode(errors="replace")
+        done = time.monotonic()
+        self.reloading = None
+        if process.returncode != 0:
+            self.report.violations.append(
+                f"pbt-server reload (to generation {generation}) exited {process.returncode}: "
+                f"{output[-2000:]}"
+            )
+            return
+        self.reloaded(generation, done)
+
+    def reloaded(self, generation: int, done: float) -> None:
+        """The reload to ``generation`` (and every SIGHUP one before it) was done by ``done``."""
+        self.reloads = [Reload(r.gen, done if r.done is None else r.done) for r in self.reloads]
+        self.reloads.append(Reload(generation, done))
+
+    def rewrite_settings(self) -> None:
+        """server.ini with another pool size, CancelGrace and ProgressInterval."""
+        assert self.broker is not None
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        parser.read(self.broker.config)
+        workers = self.config.workers
+        count = self.rng.choice((max(2, workers - 1), workers, workers + 1))
+        parser["Workers"]["Count"] = str(count)
+        parser["Workers"]["CancelGrace"] = self.rng.choice(RELOAD_GRACES)
+        parser["AsynchronousProcessing"]["ProgressInterval"] = self.rng.choice(RELOAD_INTERVALS)
+        write_ini(self.broker.config, {name: dict(parser[name]) for name in parser.sections()})
+
     def sample_rss(self) -> None:
         assert self.broker is not None
         with contextlib.suppress(psutil.Error):
@@ -385,6 +539,8 @@ class Harness:
         # The first kill and stop come early, so even a short run has some of each.
         next_kill = self.next_event(config.kill_interval, first_within=1.0)
         next_stop = self.next_event(config.stop_interval, first_within=2.0)
+        next_write = self.next_event(config.write_interval)
+        next_reload = self.next_event(config.reload_interval, first_within=3.0)
         next_rss = next_log = time.monotonic()
         while any(proc.process.poll() is None for proc in self.ledger):
             now = time.monotonic()
@@ -401,6 +557,13 @@ class Harness:
             if now >= next_stop:
                 self.stop_worker()
                 next_stop = self.next_event(config.stop_interval)
+            if now >= next_write:
+                self.write()
+                next_write = self.next_event(config.write_interval)
+            self.reload_done()
+            if now >= next_reload:
+                self.reload()
+                next_reload = self.next_event(config.reload_interval)
             self.resume_workers()
             self.churn_victims(keep=True)
             if now >= next_rss:
@@ -415,6 +578,7 @@ class Harness:
             time.sleep(self.rng.uniform(0.02, 0.1))  # the monitor's polling interval
         self.resume_workers(all_now=True)
         self.churn_victims(keep=False)
+        self.reload_done(wait=True)
         for proc in self.ledger:
             if proc.process.poll() is None:
                 proc.process.kill()
@@ -444,7 +608,16 @@ class Harness:
             self.report.violations += data["violations"]
             if data["crashed"]:
                 self.report.violations.append(f"client {proc.index} crashed: {data['crashed']}")
-        # A kill crashes at most one task; a stop times out (or, unacknowledged, crashes) one.
+            self.shared += data["shared"]
+            for gen, (enqueued, where) in data["latest_gen"].items():
+                if enqueued > self.latest_gen.get(gen, (-1.0, ""))[0]:
+                    self.latest_gen[gen] = (enqueued, where)
+        problems, counts = cross_violations(self.shared, self.writes, self.reloads, self.latest_gen)
+        self.report.violations += problems
+        self.counts.update(counts)
+        self.counts["generation"] = self.generation
+        # A kill crashes at most one execution; a stop times out (or, unacknowledged, crashes)
+        # one (the shared ones count once per execution, however many tasks attached).
         c = self.counts
         if c["unexpected_crash"] + c["unexpected_timeout"] > c["kills"] + c["stops"]:
             self.report.violations.append(
@@ -465,7 +638,7 @@ class Harness:
             sessions = [s for s in self.status["sessions"] if s["id"] != monitor.id]
             workers = self.status["workers"]
             busy = [w for w in workers if w["state"] != "idle"]
-            if not sessions and not busy:
+            if not sessions and not busy and not self.status["totals"]["shared"]["executions"]:
                 break
             if time.monotonic() > deadline:
                 self.report.violations.append(
@@ -473,6 +646,14 @@ class Harness:
                 )
                 break
             time.sleep(0.05)
+        self.counts["cache:hits"] = self.status["totals"]["cache"]["hits"]
+        self.counts["cache:misses"] = self.status["totals"]["cache"]["misses"]
+        if self.counts["cache:served"] > self.counts["cache:hits"]:
+            self.report.violations.append(
+                f"{self.counts['cache:served']} tasks got the results of a run that had ended "
+                f"before they were enqueued, but the broker counts {self.counts['cache:hits']} "
+                "cache hits"
+            )
         self.check_scrape()
         deadline = time.monotonic() + 30
         while True:
@@ -504,6 +685,7 @@ class Harness:
                 self.report.violations.append(f"a fresh session's task failed: {err!r}")
             else:
                 expected = dict(params, ctx_task="1", ctx_session=str(fresh.id), ctx_record="Final")
+                expected["gen"] = str(self.generation)
                 if results != expected:
                     self.report.violations.append(f"the final task returned {results}")
         self.counts["spawned"] = len(list(self.pids_dir.glob("*.[0-9]")))
@@ -516,9 +698,11 @@ class Harness:
         except (OSError, AssertionError) as err:
             self.report.violations.append(f"scraping http://{address}/metrics failed: {err!r}")
             return
-        mine = scrape.of_codeunit(tasks, CHAOS)
-        self.counts["scrape:tasks"] = sum(mine.values())
-        self.report.violations += scrape_violations(self.counts, mine)
+        for codeunit in LEDGER_CODEUNITS:
+            mine = scrape.of_codeunit(tasks, codeunit)
+            self.counts["scrape:tasks"] += sum(mine.values())
+            for problem in scrape_violations(of_codeunit(self.counts, codeunit), mine):
+                self.report.violations.append(f"codeunit {codeunit}: {problem}")
 
     def check_rss(self) -> None:
         samples = self.report.rss_mb
@@ -615,6 +799,11 @@ class Harness:
                     self.report.violations.append(f"spawned process {pid} ({path.name}) lives on")
 
     def cleanup(self) -> None:
+        if self.reloading is not None:
+            self.reloading[0].kill()
+            self.reloading[0].wait()
+        if self.db is not None:
+            self.db.close()
         for proc in self.ledger + self.victims:
             if proc.process.poll() is None:
                 proc.process.kill()

@@ -1,9 +1,10 @@
 """The chaos harness (tests/chaos/, run by scripts/chaos.py) in its quick mode, and proof
 that its ledger bites.
 
-The quick run mixes fast, slow, spinning, crashing, raising and process-spawning codeunits
-with worker SIGKILLs and SIGSTOPs, killed client processes, dropped connections, cancels
-racing completion and record changes; see ``tests/chaos/__init__.py`` for what it checks.
+The quick run mixes fast, slow, spinning, crashing, raising, progress-reporting and
+process-spawning codeunits, shared and cached ones, with worker SIGKILLs and SIGSTOPs,
+killed client processes, dropped connections, cancels racing completion, record changes,
+database writes and reloads; see ``tests/chaos/__init__.py`` for what it checks.
 ``PBT_CHAOS_SEED`` picks another seed (the report prints the one used).
 """
 
@@ -37,6 +38,14 @@ def test_quick_chaos_run_keeps_every_promise() -> None:
     assert counts["stops"] > 0
     assert counts["victims_killed"] > 0
     assert counts["spawned"] > 0
+    # ... and of this round's features: attached and cached shared tasks, progress (callbacks
+    # and iterations), data writes that invalidate, reloads.
+    assert counts["shared:attached"] > 0
+    assert counts["cache:served"] > 0
+    assert counts["progress:callbacks"] > 0
+    assert counts["progress:yielded"] > 0
+    assert counts["writes"] > 0
+    assert counts["reloads"] > 0
 
 
 @pytest.mark.timeout(300)
