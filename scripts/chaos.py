@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", help="the broker's LogLevel (default WARNING)")
     parser.add_argument(
         "--inject",
-        choices=["drop", "duplicate", "misroute"],
+        choices=["drop", "duplicate", "misroute", "late_progress"],
         help="self-test: tamper with client-side events; the run must report violations",
     )
     parser.add_argument("--stall-timeout", type=float, help="s without progress = lost tasks")

@@ -112,7 +112,7 @@ class ChaosConfig:
     log_level: str = "WARNING"
     verbose: bool = False
     # Self-test of the ledger: tamper with every 40th outcome event a client receives
-    # ("drop", "duplicate", "misroute"); the run must then report violations.
+    # ("drop", "duplicate", "misroute", "late_progress"); the run must then report violations.
     inject: str = ""
 
     @classmethod

@@ -3,8 +3,9 @@
 The ledger's self-test: with ``inject`` set, a client process connects its sessions through
 this relay, which passes every byte from the clients to the broker as is, and every frame
 from the broker to the clients except each 40th outcome event (``completed``, ``failed``,
-``cancelled``), which it drops, sends twice, or (a ``completed`` one) sends with another
-task's token in its results. The run must then report violations naming those tasks.
+``cancelled``), which it drops, sends twice, (a ``completed`` one) sends with another task's
+token in its results, or follows with a ``progress`` event for the same task. The run must
+then report violations naming those tasks.
 
 It reads and writes the frames itself (4-byte big-endian length, one msgpack map), so what
 it proves does not depend on the client library it feeds.
@@ -26,7 +27,7 @@ import msgpack
 
 from tests.chaos.ledger import OUTCOME_OPS
 
-FAULTS: Final = ("drop", "duplicate", "misroute")
+FAULTS: Final = ("drop", "duplicate", "misroute", "late_progress")
 EVERY: Final = 40
 _HEADER: Final = struct.Struct(">I")
 
@@ -71,6 +72,9 @@ class Tamperer:
             return []
         if self.fault == "duplicate":
             return [message, dict(message)]
+        if self.fault == "late_progress":
+            late = {"task": message["task"], "page": message["page"], "progress": {"step": "0"}}
+            return [message, {"op": "progress", **late}]
         results = dict(message.get("results") or {})
         results["token"] = "someone-else"
         return [dict(message, results=results)]

@@ -55,6 +55,7 @@ def test_quick_chaos_run_keeps_every_promise() -> None:
         ("duplicate", "the broker sent 2 outcome events"),
         ("misroute", "are not this task's identity"),
         ("drop", "no outcome"),
+        ("late_progress", "the broker sent progress after the outcome event"),
     ],
 )
 def test_the_ledger_catches_injected_faults(fault: str, symptom: str) -> None:
