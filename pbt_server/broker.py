@@ -429,14 +429,18 @@ class Broker:
     def _serve(self, served: list[tuple[Task, dict[str, str]]]) -> None:
         for task, results in served:
             if self.scheduler.serve(task):
-                completed: Completed = {
-                    "op": "completed",
-                    "task": task.id,
-                    "page": task.page.id,
-                    "results": results,
-                }
-                self._send(task, completed)
-                self.tally.add("completed", "")
+                self._completed(task, results)
+
+    def _completed(self, task: Task, results: dict[str, str]) -> None:
+        """Tell ``task``'s page its results, and count the outcome."""
+        completed: Completed = {
+            "op": "completed",
+            "task": task.id,
+            "page": task.page.id,
+            "results": results,
+        }
+        self._send(task, completed)
+        self.tally.add("completed", "")
 
     def connection_lost(self, connection: ClientConnection) -> None:
         if connection.operator:
@@ -658,14 +662,7 @@ class Broker:
             assert task.started_at is not None
             self.cache.put(task.key, task.version, results, task.started_at)
         for ended in self._end(task, TaskState.COMPLETED):
-            completed: Completed = {
-                "op": "completed",
-                "task": ended.id,
-                "page": ended.page.id,
-                "results": results,
-            }
-            self._send(ended, completed)
-            self.tally.add("completed", "")
+            self._completed(ended, results)
         # DEBUG, not INFO: a line per completed task halves throughput (the listener thread
         # competes for the GIL); INFO gets the periodic summary instead.
         if log.isEnabledFor(logging.DEBUG):
