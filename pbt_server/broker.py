@@ -558,6 +558,7 @@ class Broker:
         match cause:
             case End.MEMORY:
                 code = ChildSessionCode.MEMORY_LIMIT
+                self._fail(task, code, text)
                 task_event(
                     log,
                     logging.WARNING,
@@ -569,7 +570,6 @@ class Broker:
                     text,
                     code=code,
                 )
-                self._fail(task, code, text)
             case End.NO_ACK | End.CRASH:
                 if self.scheduler.worker_lost(task):
                     task_event(
@@ -588,6 +588,7 @@ class Broker:
 
     def _crashed(self, task: Task, text: str) -> None:
         code = ChildSessionCode.CRASHED
+        self._fail(task, code, text)  # the page first; the log line after (see logs.py)
         task_event(
             log,
             logging.WARNING,
@@ -599,7 +600,6 @@ class Broker:
             text,
             code=code,
         )
-        self._fail(task, code, text)
 
     def _dispatch(self) -> None:
         pool = self.pool
@@ -725,6 +725,7 @@ class Broker:
         if task.state is not TaskState.RUNNING:
             return  # cancelled while its stack was being taken: that was its outcome
         self.watchdog.disarm(task)
+        self._fail(task, ChildSessionCode.TASK_TIMEOUT, TASK_TIMEOUT_TEXT, stack)
         task_event(
             log,
             logging.WARNING,
@@ -737,7 +738,6 @@ class Broker:
             stack,
             code=ChildSessionCode.TASK_TIMEOUT,
         )
-        self._fail(task, ChildSessionCode.TASK_TIMEOUT, TASK_TIMEOUT_TEXT, stack)
         self._dispatch()
 
     def _not_acknowledged(self, task: Task) -> None:

@@ -79,6 +79,10 @@ STANDBY: Final = -1  # the slot number of the standby worker
 TRIAL: Final = -2  # ... and of a reload's trial process
 TRIAL_MESSAGE_LIMIT: Final = 1 << 20  # bytes a trial may say (its codeunits and files)
 STANDBY_REFILL_DELAY: Final = 0.02  # let the work a kill freed go first, then fork
+# After a worker's death, what is not the page's news waits this long: its leftover
+# processes' sweep (a few /proc reads per broker thread, up to 2 ms on a cold cache) and its
+# log receiver's end; the page's error and its next task go first.
+AFTER_DEATH_DELAY: Final = 0.005
 SWEEP_INTERVAL: Final = 2.0  # seconds between sweeps for escaped processes (~30 µs each)
 MESSAGE_OVERHEAD: Final = 256  # a pipe message's own fields around a result or error text
 STACK_QUIET: Final = 0.002  # the dump is complete when the pipe is quiet this long ...
@@ -296,6 +300,7 @@ class WorkerPool:
         self._idle: deque[Worker] = deque()
         self._running: dict[int, Worker] = {}  # job -> the worker running it
         self._others: set[Worker] = set()  # retiring or killed, not yet reaped
+        self._retiring: list[logging.Handler] = []  # reaped workers' log handlers, to retire
         self._trials: dict[int, tuple[int, int]] = {}  # pid -> (result pipe, pidfd)
         self._stopping = False
         self._started = False  # every first worker booted: the server serves
@@ -355,6 +360,7 @@ class WorkerPool:
             for worker in list(self._others):
                 self._kill(worker, f"did not exit within {grace:.0f} s")
             await self._all_reaped()
+        self._retire_log_handlers()
         proctree.reap_orphans(set())
 
     def workers(self) -> list[Worker]:
@@ -987,6 +993,8 @@ class WorkerPool:
             fds.append(worker.process.sentinel)
             if worker.log_handler is not None:
                 fds += queue_fds(worker.log_handler)
+        for handler in self._retiring:
+            fds += queue_fds(handler)
         return [fd for fd in fds if fd >= 0]
 
     # --- ending workers -----------------------------------------------------------------------
@@ -1077,7 +1085,9 @@ class WorkerPool:
         self._close_job_pipe(worker)
         worker.process.close()
         if worker.log_handler is not None:
-            retire_worker_handler(worker.log_handler)
+            # Its receiver thread wakes to end, and would take the GIL from the page's error.
+            self._retiring.append(worker.log_handler)
+            self.loop.call_later(AFTER_DEATH_DELAY, self._retire_log_handlers)
         previous = worker.state
         task = worker.task
         owned = worker is self.standby or self._owns_slot(worker)
@@ -1104,11 +1114,15 @@ class WorkerPool:
             self._boot_failed(worker, code, how)
             return
         self._ended("crash")
-        log.error("worker %d died: %s", worker.pid, how)
         self.replace(worker.slot)
-        if task is not None:
+        if task is not None:  # its page is told first; the log line after (see logs.py)
             text = f"the child session's worker process {worker.pid} {how}"
             self.listener.task_lost(task, text, started_elsewhere_ok=True)
+        log.error("worker %d died: %s", worker.pid, how)
+
+    def _retire_log_handlers(self) -> None:
+        while self._retiring:
+            retire_worker_handler(self._retiring.pop(0))
 
     def _read_until_eof(self, worker: Worker) -> None:
         while worker.state not in _SILENCED:
@@ -1155,7 +1169,7 @@ class WorkerPool:
             if proctree.reap_orphans(self.pids()) and attempt < 50:
                 self.loop.call_later(0.02 * (attempt + 1), reap, attempt + 1)
 
-        self.loop.call_soon(reap, 0)
+        self.loop.call_later(AFTER_DEATH_DELAY, reap, 0)
 
     def _sweep(self) -> None:
         """Every few seconds: kill what escaped a live worker's tree (a ``setsid`` daemon

@@ -179,6 +179,19 @@ class BrokerProcess:
         except FileNotFoundError:
             return ""
 
+    def wait_for_log(self, *texts: str, timeout: float = 20) -> str:
+        """The log once it holds every one of ``texts``: the broker's records reach the
+        file a few ms after they are logged, so a test waits for them."""
+        found = ""
+
+        def holds_all() -> bool:
+            nonlocal found
+            found = self.log_text()
+            return all(text in found for text in texts)
+
+        wait_until(holds_all, timeout=timeout)
+        return found
+
     def stop(self) -> int:
         """SIGTERM, wait; then check that no worker outlived the broker."""
         assert self.process is not None

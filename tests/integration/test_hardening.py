@@ -85,7 +85,7 @@ def test_stop_finishes_within_its_grace_when_a_client_stopped_reading(start_brok
         broker.process.send_signal(signal.SIGTERM)
         # The broker gives clients a short grace to read, then aborts them and exits.
         assert broker.process.wait(timeout=30) == 0
-    assert "did not read what it was sent; aborted" in broker.log_text()
+    broker.wait_for_log("did not read what it was sent; aborted")
 
 
 # --- admission ----------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_silent_tcp_connections_cannot_lock_out_sessions(start_broker):
         with broker.connect() as session:
             session.ping()
         assert _cli("status", "--config", str(broker.config)).returncode == 0
-    assert "connections from 127.0.0.1 have not said hello yet" in broker.log_text()
+    broker.wait_for_log("connections from 127.0.0.1 have not said hello yet")
 
 
 def test_silent_connections_from_many_addresses_cannot_lock_out_a_client(start_broker):
@@ -292,13 +292,13 @@ def test_a_module_that_starts_a_thread_at_import_is_reported(start_broker):
     broker = start_broker(
         {"Codeunits": {"Modules": "tests.codeunits, tests.modules.thread_at_import"}}
     )
-    assert "started thread 'poller' at import" in broker.log_text()
+    broker.wait_for_log("started thread 'poller' at import")
 
 
 def test_a_low_open_file_limit_is_reported_at_start(start_broker):
     broker = start_broker(nofile=200)
-    assert "allows only" in broker.log_text()
-    assert "not MaxConnections = 4096" in broker.log_text()
+    broker.wait_for_log("allows only")
+    broker.wait_for_log("not MaxConnections = 4096")
 
 
 def test_a_world_writable_socket_directory_is_reported(start_broker, tmp_path):
@@ -306,7 +306,7 @@ def test_a_world_writable_socket_directory_is_reported(start_broker, tmp_path):
     shared.mkdir()
     shared.chmod(0o777)  # anyone may write here (and it is not sticky, as /tmp is)
     broker = start_broker({"Server": {"SocketPath": str(shared / "pbt.sock")}})
-    assert "writable by every user" in broker.log_text()
+    broker.wait_for_log("writable by every user")
 
 
 # --- clients ------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_a_forged_pipe_message_fails_only_its_own_task(start_broker, kind, says)
         assert [t.result(timeout=20)["slept"] for t in innocent] == ["0.3"] * 3
         # the worker was replaced and the pool serves on
         assert page.enqueue_background_task(cu.ECHO, {"a": "b"}).result(timeout=20) == {"a": "b"}
-    assert "broke the pipe protocol" in broker.log_text()
+    broker.wait_for_log("broke the pipe protocol")
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_a_task_that_leaves_something_behind_gets_a_fresh_worker_next(start_brok
         assert after != clean  # the next session's task never runs in that process
         line = f"worker {clean} retired: task s{session.id}/t3 left behind"
     wait_until(lambda: not alive(int(clean)), timeout=20)  # retired, and gone
-    assert line in broker.log_text()
+    broker.wait_for_log(line)
 
 
 def test_a_forked_copy_of_a_worker_holds_neither_pipe(start_broker, tmp_path):
@@ -124,7 +124,7 @@ def test_what_a_killed_broker_left_behind_is_killed_by_its_next_start(start_brok
         task.exception(timeout=20)
     broker.launch()  # the same server again: the same pid file
     wait_until(lambda: not alive(child), timeout=20)
-    assert "killed 1 process(es) a previous run left behind" in broker.log_text()
+    broker.wait_for_log("killed 1 process(es) a previous run left behind")
 
 
 def test_words_after_a_tasks_end_cannot_answer_for_the_next_task(start_broker, tmp_path):

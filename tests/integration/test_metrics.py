@@ -206,7 +206,7 @@ def test_health_and_the_dashboard_files_are_served(start_broker) -> None:
     assert "pbt_tasks_total" in body
     assert scrape.get(at, "/nothing-here")[0] == 404
     # The status report says where the endpoint is; the log says so too.
-    assert f"metrics, health and dashboard on http://{at}/" in broker.log_text()
+    broker.wait_for_log(f"metrics, health and dashboard on http://{at}/")
     # Only the broker listens there: no worker inherited the socket.
     port = int(at.rsplit(":", 1)[1])
 

@@ -44,4 +44,4 @@ def test_broker_runs_on_the_event_loop_its_config_names(start_broker, choice):
     broker = start_broker({"Server": {"EventLoop": choice}})
     asyncio.run(_round_trips(str(broker.socket)))
     expected = "asyncio" if choice == "asyncio" else "uvloop"  # installed here: auto takes it
-    assert f"event loop: {expected}\n" in broker.log_text()
+    broker.wait_for_log(f"event loop: {expected}\n")

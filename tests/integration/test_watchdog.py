@@ -190,7 +190,7 @@ def test_a_timeout_error_carries_the_stuck_codes_stack(broker):
     # the Python stack of the code that was stuck, as faulthandler saw it at the deadline
     assert "most recent call first" in error.call_stack
     assert "in spin" in error.call_stack
-    assert "in spin" in broker.log_text()  # and the server log has it too
+    broker.wait_for_log("in spin")  # and the server log has it too
 
 
 def test_a_worker_that_cannot_dump_its_stack_is_killed_all_the_same(broker, tmp_path):
