@@ -41,10 +41,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import logging
 import multiprocessing
 import os
 import signal
+import struct
+import termios
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -248,20 +251,36 @@ _ENDED_BY_US: Final = frozenset(
 )
 
 
+def _taken(worker: Worker) -> bool:
+    """Nothing of the worker's job is left to write or to read: the worker took it."""
+    if worker.pending:
+        return False
+    if worker.job_w < 0:
+        return True  # closed: say taken (a task that might have started never runs twice)
+    try:
+        unread = fcntl.ioctl(worker.job_w, termios.FIONREAD, _INT)
+    except OSError:
+        return True
+    return struct.unpack("i", unread)[0] == 0
+
+
+_INT: Final = bytes(4)
+
+
 class PoolListener(Protocol):
     """What the pool reports to the broker, after its own bookkeeping is done."""
 
     def capacity_freed(self) -> None:
         """A worker became idle (booted, promoted, or done with a task)."""
 
-    def task_started(self, task: Task) -> None: ...
     def task_progress(self, task: Task, progress: dict[str, str]) -> None: ...
     def task_done(self, task: Task, results: dict[str, str]) -> None: ...
     def task_failed(self, task: Task, code: str, text: str, stack: str) -> None: ...
 
-    def task_lost(self, task: Task, how: str, *, started_elsewhere_ok: bool) -> None:
+    def task_lost(self, task: Task, how: str, *, taken: bool) -> None:
         """The worker running ``task`` died or broke the protocol; it was killed and
-        replaced. ``started_elsewhere_ok``: it may be requeued if it never started."""
+        replaced. ``taken``: it had taken the task off its pipe (else the task never
+        started there, and may run elsewhere)."""
 
     def pool_broken(self, reason: str) -> None: ...
 
@@ -542,6 +561,12 @@ class WorkerPool:
         self._send(worker, pack(run))
         return worker
 
+    def taken(self, task: Task) -> bool:
+        """Has the worker ``task`` was handed to taken it off its pipe (all of it)? The
+        pipe's unread bytes say so, whatever the worker's code writes or pretends."""
+        worker = self._running.get(task.job)
+        return worker is not None and _taken(worker)
+
     def worker_of(self, task: Task) -> Worker | None:
         return self._running.get(task.job)
 
@@ -762,7 +787,7 @@ class WorkerPool:
         if worker.state is WorkerState.DRAINING:
             if message["op"] in ("done", "failed"):
                 self._drained(worker, message["job"], message.get("leftovers", []))
-            elif message["op"] not in ("started", "progress") or message["job"] != worker.draining:
+            elif message["op"] != "progress" or message["job"] != worker.draining:
                 raise ProtocolError(f"sent {message['op']} while finishing a cancelled task")
             return
         match message["op"]:
@@ -772,16 +797,11 @@ class WorkerPool:
                 if worker.state is not WorkerState.BOOTING:
                     raise ProtocolError("sent boot_failed after booting")
                 self._last_boot_error = message["text"]
-            case "started":
-                task = self._task_of(worker, message["job"])
-                if task.started_at is not None:
-                    raise ProtocolError(f"acknowledged job {message['job']} twice")
-                self.listener.task_started(task)
             case "progress":
                 task = self._task_of(worker, message["job"])
-                if task.started_at is None:
+                if not _taken(worker):
                     raise ProtocolError(
-                        f"reported progress of job {message['job']} before starting it"
+                        f"reported progress of job {message['job']} before taking it"
                     )
                 self.listener.task_progress(task, message["progress"])
             case "done":
@@ -815,8 +835,8 @@ class WorkerPool:
     def _finish(self, worker: Worker, job: int, leftovers: list[str]) -> Task:
         """The worker ended its task: back to idle, or retired if it is no longer clean."""
         task = self._task_of(worker, job)
-        if task.started_at is None:
-            raise ProtocolError(f"ended job {job} before acknowledging it")
+        if not _taken(worker):
+            raise ProtocolError(f"ended job {job} before taking it off its pipe")
         self._take_task(worker)
         worker.tasks_done += 1
         recycle = self.config.max_tasks_per_worker
@@ -852,10 +872,11 @@ class WorkerPool:
         text = f"worker {worker.pid} broke the pipe protocol: {what}"
         event(log, logging.ERROR, Event.PROTOCOL_FAULT, "%s; killed", text, worker=worker.pid)
         task = worker.task
+        taken = task is not None and _taken(worker)
         self._kill(worker, "protocol fault", "protocol")
         if task is not None:
-            # A task it never acknowledged did not run there: it may run elsewhere, once.
-            self.listener.task_lost(task, text, started_elsewhere_ok=task.started_at is None)
+            # A task it never took did not run there: it may run elsewhere, once.
+            self.listener.task_lost(task, text, taken=taken)
 
     def _check_all_ready(self) -> None:
         waiter = self._ready_waiter
@@ -1066,6 +1087,7 @@ class WorkerPool:
         """The pidfd says the worker's process has ended: reap it and find out how."""
         worker.exited = True
         self._read_until_eof(worker)  # a result written just before death still counts
+        taken = worker.task is not None and _taken(worker)
         self.loop.remove_reader(worker.pidfd)
         os.close(worker.pidfd)
         # Reap through multiprocessing (one reaper per child). Not join(0): that waits on
@@ -1117,7 +1139,7 @@ class WorkerPool:
         self.replace(worker.slot)
         if task is not None:  # its page is told first; the log line after (see logs.py)
             text = f"the child session's worker process {worker.pid} {how}"
-            self.listener.task_lost(task, text, started_elsewhere_ok=True)
+            self.listener.task_lost(task, text, taken=taken)
         log.error("worker %d died: %s", worker.pid, how)
 
     def _retire_log_handlers(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -237,3 +238,31 @@ def test_the_stack_dump_survives_a_task_that_reset_its_signal(start_broker):
         assert error.code == "ChildSessionTaskTimeout"
         assert "in spin" in error.call_stack, error.call_stack
         assert first["pid"]  # the same worker ran both: the first left nothing Python sees
+
+
+def test_a_task_its_worker_takes_late_gets_its_whole_timeout_from_the_take(start_broker):
+    # A worker frozen before it takes its job (a machine too loaded to schedule it): the
+    # task has not started at its deadline, so it is not timed out; once the worker takes
+    # it, the task runs its timeout from there (within AckTimeout, 5 s here).
+    broker = start_broker({"Workers": {"Count": "1"}})
+    frozen = broker.worker_pids()[0]  # slot 0 (the standby comes last)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        with broker.connect() as session:
+            page = session.open_page("P")
+            handed = time.monotonic()
+            task = page.enqueue_background_task(cu.SLEEP, {"seconds": "0.5"}, timeout=1000)
+
+            def slot_state() -> str:
+                return str(broker.status()["workers"][0]["state"])
+
+            wait_until(lambda: slot_state() == "starting")  # handed over, still in its pipe
+            while time.monotonic() < handed + 1.5:  # past the deadline counted from then
+                time.sleep(0.05)
+            assert slot_state() == "starting"
+            os.kill(frozen, signal.SIGCONT)
+            assert task.result(timeout=20)["pid"] == str(frozen)  # not ChildSessionTaskTimeout
+        broker.wait_for_log(f"task s{session.id}/t{task.id} was taken by worker")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
