@@ -560,7 +560,9 @@ class Broker:
             self.pool.release(task, reason)  # killed only if it runs on past CancelGrace
             return
         if cause is not End.CRASH:
-            self.pool.abort(task, reason, cause.name.lower())
+            taken = self.pool.abort(task, reason, cause.name.lower())
+            if taken and task.state is TaskState.STARTING:
+                self._found_started(task)  # taken since the watchdog looked: not requeued
         match cause:
             case End.MEMORY:
                 code = ChildSessionCode.MEMORY_LIMIT
@@ -760,7 +762,9 @@ class Broker:
 
     def _not_acknowledged(self, task: Task) -> None:
         ack = self.config.workers.ack_timeout_ms / 1000
-        self._end_running(task, End.NO_ACK, f"its worker did not start the task within {ack:g} s")
+        self._end_running(
+            task, End.NO_ACK, f"its worker did not take the task off its pipe within {ack:g} s"
+        )
 
     def _over_memory(self, task: Task, rss: int) -> None:
         limit = self.config.workers.max_memory_mb

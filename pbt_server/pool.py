@@ -226,6 +226,11 @@ class Worker:
     drain_timer: asyncio.TimerHandle | None = None
     log_handler: logging.Handler | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
+    # A write of its job failed (the worker is gone): that job was never taken.
+    undelivered: bool = False
+    # Had it taken its task off the pipe when it was killed (measured after the SIGKILL,
+    # when it can read no more): the kill's caller decides requeue or failure from this.
+    taken_at_kill: bool = False
     _ps: psutil.Process | None = None
 
     def __repr__(self) -> str:
@@ -253,7 +258,7 @@ _ENDED_BY_US: Final = frozenset(
 
 def _taken(worker: Worker) -> bool:
     """Nothing of the worker's job is left to write or to read: the worker took it."""
-    if worker.pending:
+    if worker.pending or worker.undelivered:
         return False
     if worker.job_w < 0:
         return True  # closed: say taken (a task that might have started never runs twice)
@@ -572,12 +577,13 @@ class WorkerPool:
 
     def abort(self, task: Task, reason: str, cause: str = "abort") -> bool:
         """Kill the worker running ``task`` (its whole tree) and forget the task; the slot is
-        refilled. No listener call follows for this task. False if no worker runs it."""
+        refilled. No listener call follows for this task. Whether the worker had taken the
+        task off its pipe by the kill (False if no worker ran it)."""
         worker = self._running.get(task.job)
         if worker is None:
             return False
         self._kill(worker, reason, cause)
-        return True
+        return worker.taken_at_kill
 
     def release(self, task: Task, reason: str) -> bool:
         """A cancel: forget ``task`` and give its slot a worker at once (the standby), as
@@ -713,7 +719,8 @@ class WorkerPool:
             except BlockingIOError:
                 written = 0
             except OSError:
-                return  # the worker is gone; its pidfd reports how
+                worker.undelivered = True  # the worker is gone; its pidfd reports how
+                return
             if written == len(data):
                 return
             data = data[written:]
@@ -726,6 +733,7 @@ class WorkerPool:
         except BlockingIOError:
             return
         except OSError:
+            worker.undelivered = True
             written = len(worker.pending)
         del worker.pending[:written]
         if not worker.pending:
@@ -861,7 +869,7 @@ class WorkerPool:
         elif recycle and worker.tasks_done >= recycle:
             log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
             self.retire(worker, "recycle")
-        else:
+        elif not worker.exited:  # its last word, read after its death: it takes no more work
             worker.state = WorkerState.IDLE  # BUSY -> IDLE
             self._idle.append(worker)
         return task
@@ -872,11 +880,10 @@ class WorkerPool:
         text = f"worker {worker.pid} broke the pipe protocol: {what}"
         event(log, logging.ERROR, Event.PROTOCOL_FAULT, "%s; killed", text, worker=worker.pid)
         task = worker.task
-        taken = task is not None and _taken(worker)
         self._kill(worker, "protocol fault", "protocol")
         if task is not None:
             # A task it never took did not run there: it may run elsewhere, once.
-            self.listener.task_lost(task, text, taken=taken)
+            self.listener.task_lost(task, text, taken=worker.taken_at_kill)
 
     def _check_all_ready(self) -> None:
         waiter = self._ready_waiter
@@ -1027,6 +1034,8 @@ class WorkerPool:
             return
         self._ended(cause)
         proctree.kill_tree(worker.pid, worker.pidfd)
+        # Now that it can run nothing more: a job still unread was never started.
+        worker.taken_at_kill = worker.task is not None and _taken(worker)
         # A retiring one was replaced already; the standby is replaced as a standby; a
         # draining one was to become the standby.
         owned_slot = worker is self.standby or self._owns_slot(worker)

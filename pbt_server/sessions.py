@@ -476,6 +476,9 @@ class Scheduler:
             return False
         task.state = TaskState.WAITING  # STARTING -> WAITING
         task.requeued = True
+        task.started_at = None  # it waits again; its next hand-over starts its clock
+        for attached in task.attached or ():
+            attached.started_at = None
         session = task.session
         session.running -= 1
         session.waiting += 1

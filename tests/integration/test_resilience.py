@@ -148,7 +148,7 @@ def test_a_task_handed_to_a_frozen_worker_runs_elsewhere(start_broker):
             task = session.open_page("P").enqueue_background_task(cu.CONTEXT, timeout=300)
             assert int(task.result(timeout=20)["pid"]) != frozen
         wait_until(lambda: not alive(frozen))
-        broker.wait_for_log("did not start the task within 5 s")
+        broker.wait_for_log("did not take the task off its pipe within 5 s")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGCONT)

@@ -35,7 +35,7 @@ def test_timeout_kills_the_worker_and_reports_ChildSessionTaskTimeout(broker):
         elapsed = time.monotonic() - started
         assert caught.value.code == "ChildSessionTaskTimeout"
         assert caught.value.text == "Child Session task was terminated because of a timeout."
-        # never before the deadline (the clock starts at the worker's ack, after enqueue)
+        # never before the deadline (the clock starts at the hand-over, after enqueue)
         assert elapsed >= 0.3
         wait_until(lambda: errors)
         assert errors[0][:2] == (task.id, "ChildSessionTaskTimeout")

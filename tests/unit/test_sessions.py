@@ -242,7 +242,8 @@ def test_a_task_whose_worker_died_before_starting_it_goes_back_to_the_head_once(
     s.open_page(session, "P", "")
     first, second = enqueue(s, session), enqueue(s, session)
     assert s.next_task() is first
-    assert s.worker_lost(first)  # never acknowledged: requeued
+    assert s.worker_lost(first)  # never taken off its worker's pipe: requeued
+    assert first.started_at is None  # its clock starts again at its next hand-over
     assert (session.running, session.waiting) == (0, 2)
     assert s.next_task() is first  # ahead of `second`
     assert first.requeued
