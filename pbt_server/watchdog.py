@@ -1,19 +1,21 @@
 """The watchdog: a task past its timeout, a worker that does not take its task, or a worker
 past its memory limit, is reported.
 
-One loop timer per task handed to a worker (``call_at`` on the loop's monotonic clock). A
-task's clock starts when it is handed over (written to its worker's pipe): the queue wait
-never counts, and the worker sends nothing back at the start. The first timer fires at the
-task's deadline, or at ``AckTimeout`` if that comes first, and asks the pool whether the
-worker has taken the job off its pipe (the pipe's unread bytes: a fact the worker's code
-cannot forge). Taken: the task has started, and its timeout runs from the hand-over. Not
-taken yet (a SIGSTOPped or wedged worker, or a machine too loaded to schedule it): the task
-has not started, so its timeout has not begun; the pipe is looked at again every
-``ACK_POLL`` seconds, and a take seen then starts the clock there; at ``AckTimeout`` the
-worker is given up on. Nothing polls while tasks behave: a task that ends first takes its
-one timer with it. Memory is the exception: RSS can only be sampled, so while tasks run and
-``MaxMemoryMB`` is set, the running workers are sampled every ``MEMORY_INTERVAL`` seconds
-(~30 µs per worker with a cached psutil handle).
+One loop timer per task handed to a worker (``call_at`` on the loop's monotonic clock); the
+worker sends nothing back at the start. ``ACK_POLL`` after the hand-over (or at the task's
+deadline, if sooner) the timer asks the pool whether the worker has taken the job off its
+pipe (the pipe's unread bytes: a fact the worker's code cannot forge). Taken: the task has
+started, its clock runs from the hand-over (a healthy worker takes a job within
+microseconds), and the timer is set for its deadline. Not taken yet (a SIGSTOPped or wedged
+worker, or a machine too loaded to schedule it): the task has not started, so its timeout
+has not begun; the pipe is looked at again every ``ACK_POLL``, and a take seen then starts
+the clock there; at ``AckTimeout`` the worker is given up on. Either way the timeout is
+exact to ``ACK_POLL``, and the queue wait never counts. A task that ends within
+``ACK_POLL``, as most do, takes its one timer with it, unfired.
+
+Memory is the exception: RSS can only be sampled, so while tasks run and ``MaxMemoryMB`` is
+set, the running workers are sampled every ``MEMORY_INTERVAL`` seconds (~30 µs per worker
+with a cached psutil handle).
 
 The watchdog owns its timers and decides nothing else: the broker is called back with the
 task, and it is the broker that kills (through the pool) and reports.
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from pbt_server.sessions import Task
 
 MEMORY_INTERVAL: Final = 0.05
-ACK_POLL: Final = 0.01  # how often a job not yet taken is looked at again
+ACK_POLL: Final = 0.01  # a job not yet taken is looked at this often
 
 
 def deadline(started_at: float, timeout_ms: int) -> float:
@@ -63,12 +65,14 @@ class Watchdog:
         self._sampler: asyncio.TimerHandle | None = None
 
     def expect_ack(self, task: Task) -> None:
-        """The task was just handed to a worker (``task.started_at``): look at its deadline,
-        or at AckTimeout if that is sooner, whether the worker took it."""
+        """The task was just handed to a worker (``task.started_at``): look ``ACK_POLL``
+        later (or at its deadline, or AckTimeout, if sooner) whether the worker took it."""
         assert task.started_at is not None
         self.disarm(task)
         ack_deadline = task.started_at + self.ack_timeout
-        first = min(ack_deadline, deadline(task.started_at, task.timeout_ms))
+        first = min(
+            task.started_at + ACK_POLL, ack_deadline, deadline(task.started_at, task.timeout_ms)
+        )
         self._timers[task.job] = self.loop.call_at(first, self._check, task, ack_deadline, False)
         if self.limit_bytes and self._sampler is None:
             self._sampler = self.loop.call_later(MEMORY_INTERVAL, self._sample)
