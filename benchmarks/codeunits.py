@@ -36,9 +36,8 @@ def noop(ctx: ChildSession) -> dict[str, str]:
 def sleep(ctx: ChildSession) -> dict[str, str]:
     """Sleep ``seconds``; with ``started``, first publish our pid in that file (atomically).
 
-    The file proves the task is running: the worker acknowledged it before calling us, so
-    the broker's timeout clock runs and a kill is a crash, not a requeue of a task that
-    never started.
+    The file proves the task is running: the worker took the job off its pipe before
+    calling us, so a kill is a crash, not a requeue of a task that never started.
     """
     path = ctx.parameters.get("started")
     if path:

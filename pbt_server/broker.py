@@ -8,15 +8,16 @@
       │    admission, memory budget)                   │          requeue-once rule
       │                                                ▼
       │                                        WorkerPool (pool.py) ──run──▶ worker process
-      │                                          fork, pipes, pidfd, ◀─started── (workers/main.py)
+      │                                          fork, pipes, pidfd,           (workers/main.py)
       │                                          task <-> worker,    ◀─done/failed─
       │                                          kill tree, standby        │
       │                                                ▲                   │
       │                                      kill ─────┘                   │
       │                                                │                   ▼
       └────── completed / failed / cancelled ◀── Broker ◀── Watchdog (watchdog.py)
-                  (exactly one per task)              one timer per task: ack deadline,
-                                                      then the task's timeout; RSS sampling
+                  (exactly one per task)              one timer per task: the deadline
+                                                      (or ack deadline), then the timeout;
+                                                      RSS sampling
 
 Lifecycle:
 
@@ -27,9 +28,12 @@ Lifecycle:
    connection, for ``status``);
 3. enqueue: checked synchronously (queue full, unknown codeunit, page closed, bad
    parameters, memory budget, stopping); accepted tasks wait FIFO in their session;
-4. dispatch: an idle worker takes the next task, fairly across sessions; the worker must
-   acknowledge it within ``AckTimeout``, else it is killed and the task requeued once;
-5. ack: the worker's ``started`` arms the task's timeout timer;
+4. dispatch: an idle worker is handed the next task, fairly across sessions; the task's
+   clock starts there (the queue wait never counts);
+5. ack: the worker sends nothing at the start. At the task's deadline (or ``AckTimeout``,
+   if sooner) the watchdog asks whether the worker took the job off its pipe: taken, the
+   timeout runs on; still there at ``AckTimeout``, the worker is killed and the task
+   requeued once (it never started);
 6. outcome: ``done`` -> completed; ``failed`` -> failed; timer -> worker tree killed and
    replaced, ``ChildSessionTaskTimeout``; worker death or a pipe protocol fault ->
    ``ChildSessionCrashed``; RSS over ``MaxMemoryMB`` -> killed, ``ChildSessionMemoryLimit``;
@@ -175,6 +179,8 @@ class Broker:
             loop,
             ack_timeout=config.workers.ack_timeout_ms / 1000,
             max_memory_mb=config.workers.max_memory_mb,
+            taken=self.pool.taken,
+            on_started=self._found_started,
             on_timeout=self._timed_out,
             on_no_ack=self._not_acknowledged,
             on_memory=self._over_memory,
@@ -554,7 +560,9 @@ class Broker:
             self.pool.release(task, reason)  # killed only if it runs on past CancelGrace
             return
         if cause is not End.CRASH:
-            self.pool.abort(task, reason, cause.name.lower())
+            taken = self.pool.abort(task, reason, cause.name.lower())
+            if taken and task.state is TaskState.STARTING:
+                self._found_started(task)  # taken since the watchdog looked: not requeued
         match cause:
             case End.MEMORY:
                 code = ChildSessionCode.MEMORY_LIMIT
@@ -609,8 +617,21 @@ class Broker:
                 return
             if task.cacheable:
                 task.version = self.cache.version_now()  # before the worker's snapshot
-            pool.assign(task)
+            worker = pool.assign(task)
             self.watchdog.expect_ack(task)
+            if log.isEnabledFor(logging.DEBUG):
+                pid = worker.pid if worker is not None else 0
+                task_event(
+                    log,
+                    logging.DEBUG,
+                    Event.STARTED,
+                    task,
+                    "task s%d/t%d handed to worker %d",
+                    task.session.id,
+                    task.id,
+                    pid,
+                    worker=pid,
+                )
 
     # --- pool events (pool.PoolListener) --------------------------------------------------
 
@@ -618,21 +639,23 @@ class Broker:
         if not self.stopping:
             self._dispatch()
 
-    def task_started(self, task: Task) -> None:
-        self.scheduler.started(task)
-        self.watchdog.arm(task)
+    def _found_started(self, task: Task, at: float | None = None) -> None:
+        """The task's worker had taken it off its pipe (``at``: only just, its clock starts
+        now): it runs, and its worker's death fails it instead of requeueing it."""
+        self.scheduler.started(task, at)
         if log.isEnabledFor(logging.DEBUG):
             worker = self.pool.worker_of(task)
             pid = worker.pid if worker is not None else 0
             task_event(
                 log,
                 logging.DEBUG,
-                Event.STARTED,
+                Event.TAKEN,
                 task,
-                "task s%d/t%d started in worker %d",
+                "task s%d/t%d was taken by worker %d%s",
                 task.session.id,
                 task.id,
                 pid,
+                " late: its clock starts now" if at is not None else "",
                 worker=pid,
             )
 
@@ -702,13 +725,10 @@ class Broker:
         self._fail(task, code, text, stack)
         self._dispatch()
 
-    def task_lost(self, task: Task, how: str, *, started_elsewhere_ok: bool) -> None:
-        if started_elsewhere_ok:
-            self._end_running(task, End.CRASH, how)
-        else:
-            self.watchdog.disarm(task)
-            self._crashed(task, how)
-            self._dispatch()
+    def task_lost(self, task: Task, how: str, *, taken: bool) -> None:
+        if taken and task.state is TaskState.STARTING:
+            self._found_started(task)
+        self._end_running(task, End.CRASH, how)
 
     def pool_broken(self, reason: str) -> None:
         log.critical("worker pool broken: %s", reason)
@@ -742,7 +762,9 @@ class Broker:
 
     def _not_acknowledged(self, task: Task) -> None:
         ack = self.config.workers.ack_timeout_ms / 1000
-        self._end_running(task, End.NO_ACK, f"its worker did not start the task within {ack:g} s")
+        self._end_running(
+            task, End.NO_ACK, f"its worker did not take the task off its pipe within {ack:g} s"
+        )
 
     def _over_memory(self, task: Task, rss: int) -> None:
         limit = self.config.workers.max_memory_mb

@@ -566,8 +566,8 @@ class WorkersSection(Section):
         "AckTimeout",
         "00:00:05",
         _timespan,
-        "a worker that does not start a task it was handed within this is killed (the task"
-        " runs elsewhere, once)",
+        "a worker that has not taken a task it was handed off its pipe within this is killed"
+        " (the task runs elsewhere, once)",
     )
 
 

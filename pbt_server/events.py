@@ -39,6 +39,7 @@ class Event(StrEnum):
     STOPPING = "PBT0031"
     RELOADED = "PBT0032"
     RELOAD_FAILED = "PBT0033"
+    TAKEN = "PBT0034"
 
     @property
     def meaning(self) -> str:
@@ -47,7 +48,7 @@ class Event(StrEnum):
 
 _MEANINGS = {
     Event.ENQUEUED: "a task was accepted (DEBUG)",
-    Event.STARTED: "a worker acknowledged a task: its timeout runs (DEBUG)",
+    Event.STARTED: "a task was handed to a worker: its timeout runs from here (DEBUG)",
     Event.COMPLETED: "a task completed; `wait_ms`, `run_ms` (DEBUG)",
     Event.FAILED: "a task's codeunit failed; `code` (INFO)",
     Event.CANCELLED: (
@@ -56,7 +57,9 @@ _MEANINGS = {
     ),
     Event.TIMED_OUT: "a task ran past its timeout; its worker was killed (WARNING, with the stack)",
     Event.CRASHED: "a task's worker died; `code` ChildSessionCrashed (WARNING)",
-    Event.REQUEUED: "a task's worker died before starting it: it runs elsewhere (WARNING)",
+    Event.REQUEUED: (
+        "a task's worker died, or was given up on, before taking it: it runs elsewhere (WARNING)"
+    ),
     Event.MEMORY_KILLED: "a task's worker went over MaxMemoryMB and was killed (WARNING)",
     Event.WORKER_RETIRED: "a task left something behind; its worker was retired (WARNING)",
     Event.PROTOCOL_FAULT: "a worker broke the pipe protocol; killed (ERROR)",
@@ -67,6 +70,10 @@ _MEANINGS = {
     Event.STOPPING: "the broker stops (INFO)",
     Event.RELOADED: "server.ini and the codeunit modules were reloaded (INFO)",
     Event.RELOAD_FAILED: "a reload was refused; the running code stays (ERROR)",
+    Event.TAKEN: (
+        "a task's worker was found to have taken it off its pipe, when the broker had to know:"
+        " at its deadline, at AckTimeout, or when the worker ended (DEBUG)"
+    ),
 }
 
 

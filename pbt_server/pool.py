@@ -41,10 +41,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import logging
 import multiprocessing
 import os
 import signal
+import struct
+import termios
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -223,6 +226,11 @@ class Worker:
     drain_timer: asyncio.TimerHandle | None = None
     log_handler: logging.Handler | None = None
     exited: bool = False  # its pidfd fired: whatever it still says, it takes no more work
+    # A write of its job failed (the worker is gone): that job was never taken.
+    undelivered: bool = False
+    # Had it taken its task off the pipe when it was killed (measured after the SIGKILL,
+    # when it can read no more): the kill's caller decides requeue or failure from this.
+    taken_at_kill: bool = False
     _ps: psutil.Process | None = None
 
     def __repr__(self) -> str:
@@ -248,20 +256,36 @@ _ENDED_BY_US: Final = frozenset(
 )
 
 
+def _taken(worker: Worker) -> bool:
+    """Nothing of the worker's job is left to write or to read: the worker took it."""
+    if worker.pending or worker.undelivered:
+        return False
+    if worker.job_w < 0:
+        return True  # closed: say taken (a task that might have started never runs twice)
+    try:
+        unread = fcntl.ioctl(worker.job_w, termios.FIONREAD, _INT)
+    except OSError:
+        return True
+    return struct.unpack("i", unread)[0] == 0
+
+
+_INT: Final = bytes(4)
+
+
 class PoolListener(Protocol):
     """What the pool reports to the broker, after its own bookkeeping is done."""
 
     def capacity_freed(self) -> None:
         """A worker became idle (booted, promoted, or done with a task)."""
 
-    def task_started(self, task: Task) -> None: ...
     def task_progress(self, task: Task, progress: dict[str, str]) -> None: ...
     def task_done(self, task: Task, results: dict[str, str]) -> None: ...
     def task_failed(self, task: Task, code: str, text: str, stack: str) -> None: ...
 
-    def task_lost(self, task: Task, how: str, *, started_elsewhere_ok: bool) -> None:
+    def task_lost(self, task: Task, how: str, *, taken: bool) -> None:
         """The worker running ``task`` died or broke the protocol; it was killed and
-        replaced. ``started_elsewhere_ok``: it may be requeued if it never started."""
+        replaced. ``taken``: it had taken the task off its pipe (else the task never
+        started there, and may run elsewhere)."""
 
     def pool_broken(self, reason: str) -> None: ...
 
@@ -542,17 +566,24 @@ class WorkerPool:
         self._send(worker, pack(run))
         return worker
 
+    def taken(self, task: Task) -> bool:
+        """Has the worker ``task`` was handed to taken it off its pipe (all of it)? The
+        pipe's unread bytes say so, whatever the worker's code writes or pretends."""
+        worker = self._running.get(task.job)
+        return worker is not None and _taken(worker)
+
     def worker_of(self, task: Task) -> Worker | None:
         return self._running.get(task.job)
 
     def abort(self, task: Task, reason: str, cause: str = "abort") -> bool:
         """Kill the worker running ``task`` (its whole tree) and forget the task; the slot is
-        refilled. No listener call follows for this task. False if no worker runs it."""
+        refilled. No listener call follows for this task. Whether the worker had taken the
+        task off its pipe by the kill (False if no worker ran it)."""
         worker = self._running.get(task.job)
         if worker is None:
             return False
         self._kill(worker, reason, cause)
-        return True
+        return worker.taken_at_kill
 
     def release(self, task: Task, reason: str) -> bool:
         """A cancel: forget ``task`` and give its slot a worker at once (the standby), as
@@ -688,7 +719,8 @@ class WorkerPool:
             except BlockingIOError:
                 written = 0
             except OSError:
-                return  # the worker is gone; its pidfd reports how
+                worker.undelivered = True  # the worker is gone; its pidfd reports how
+                return
             if written == len(data):
                 return
             data = data[written:]
@@ -701,6 +733,7 @@ class WorkerPool:
         except BlockingIOError:
             return
         except OSError:
+            worker.undelivered = True
             written = len(worker.pending)
         del worker.pending[:written]
         if not worker.pending:
@@ -762,7 +795,7 @@ class WorkerPool:
         if worker.state is WorkerState.DRAINING:
             if message["op"] in ("done", "failed"):
                 self._drained(worker, message["job"], message.get("leftovers", []))
-            elif message["op"] not in ("started", "progress") or message["job"] != worker.draining:
+            elif message["op"] != "progress" or message["job"] != worker.draining:
                 raise ProtocolError(f"sent {message['op']} while finishing a cancelled task")
             return
         match message["op"]:
@@ -772,16 +805,11 @@ class WorkerPool:
                 if worker.state is not WorkerState.BOOTING:
                     raise ProtocolError("sent boot_failed after booting")
                 self._last_boot_error = message["text"]
-            case "started":
-                task = self._task_of(worker, message["job"])
-                if task.started_at is not None:
-                    raise ProtocolError(f"acknowledged job {message['job']} twice")
-                self.listener.task_started(task)
             case "progress":
                 task = self._task_of(worker, message["job"])
-                if task.started_at is None:
+                if not _taken(worker):
                     raise ProtocolError(
-                        f"reported progress of job {message['job']} before starting it"
+                        f"reported progress of job {message['job']} before taking it"
                     )
                 self.listener.task_progress(task, message["progress"])
             case "done":
@@ -815,8 +843,8 @@ class WorkerPool:
     def _finish(self, worker: Worker, job: int, leftovers: list[str]) -> Task:
         """The worker ended its task: back to idle, or retired if it is no longer clean."""
         task = self._task_of(worker, job)
-        if task.started_at is None:
-            raise ProtocolError(f"ended job {job} before acknowledging it")
+        if not _taken(worker):
+            raise ProtocolError(f"ended job {job} before taking it off its pipe")
         self._take_task(worker)
         worker.tasks_done += 1
         recycle = self.config.max_tasks_per_worker
@@ -841,7 +869,7 @@ class WorkerPool:
         elif recycle and worker.tasks_done >= recycle:
             log.info("worker %d retired after %d tasks", worker.pid, worker.tasks_done)
             self.retire(worker, "recycle")
-        else:
+        elif not worker.exited:  # its last word, read after its death: it takes no more work
             worker.state = WorkerState.IDLE  # BUSY -> IDLE
             self._idle.append(worker)
         return task
@@ -854,8 +882,8 @@ class WorkerPool:
         task = worker.task
         self._kill(worker, "protocol fault", "protocol")
         if task is not None:
-            # A task it never acknowledged did not run there: it may run elsewhere, once.
-            self.listener.task_lost(task, text, started_elsewhere_ok=task.started_at is None)
+            # A task it never took did not run there: it may run elsewhere, once.
+            self.listener.task_lost(task, text, taken=worker.taken_at_kill)
 
     def _check_all_ready(self) -> None:
         waiter = self._ready_waiter
@@ -1006,6 +1034,8 @@ class WorkerPool:
             return
         self._ended(cause)
         proctree.kill_tree(worker.pid, worker.pidfd)
+        # Now that it can run nothing more: a job still unread was never started.
+        worker.taken_at_kill = worker.task is not None and _taken(worker)
         # A retiring one was replaced already; the standby is replaced as a standby; a
         # draining one was to become the standby.
         owned_slot = worker is self.standby or self._owns_slot(worker)
@@ -1066,6 +1096,7 @@ class WorkerPool:
         """The pidfd says the worker's process has ended: reap it and find out how."""
         worker.exited = True
         self._read_until_eof(worker)  # a result written just before death still counts
+        taken = worker.task is not None and _taken(worker)
         self.loop.remove_reader(worker.pidfd)
         os.close(worker.pidfd)
         # Reap through multiprocessing (one reaper per child). Not join(0): that waits on
@@ -1117,7 +1148,7 @@ class WorkerPool:
         self.replace(worker.slot)
         if task is not None:  # its page is told first; the log line after (see logs.py)
             text = f"the child session's worker process {worker.pid} {how}"
-            self.listener.task_lost(task, text, started_elsewhere_ok=True)
+            self.listener.task_lost(task, text, taken=taken)
         log.error("worker %d died: %s", worker.pid, how)
 
     def _retire_log_handlers(self) -> None:

@@ -83,7 +83,6 @@ run         to worker      job: id, codeunit: id, parameters: {text: text}, task
                            session: id, record: text, timeout: id, context: {text: text}
 ready       from worker    gen: id, pid: id
 boot_failed from worker    gen: id, text: long text
-started     from worker    gen: id, job: id
 progress    from worker    gen: id, job: id, progress: {text: text}
 done        from worker    gen: id, job: id, results: {text: text}, leftovers?: [text]
 failed      from worker    gen: id, job: id, code: text, text: long text,
@@ -93,7 +92,9 @@ boot_failed from trial     gen: id, text: long text
 =========== ============== ==============================================================
 
 ``job`` is unique across the broker's life and ``gen`` names the worker incarnation, so a
-message from a worker that was killed can never be taken for another task's. ``leftovers``
+message from a worker that was killed can never be taken for another task's. A worker says
+nothing when it starts a task: the broker knows a job was taken by the pipe it wrote it to
+(no unread bytes left), which the worker's code cannot fake. ``leftovers``
 names what a task left behind in its worker (a thread, a child process, a changed signal
 handler...): that worker is retired before it takes another task.
 """
@@ -703,12 +704,6 @@ class BootFailure(TypedDict):
     text: LongText
 
 
-class Started(TypedDict):
-    op: Literal["started"]
-    gen: Id
-    job: Id
-
-
 class TaskProgress(TypedDict):
     op: Literal["progress"]
     gen: Id
@@ -744,9 +739,9 @@ class Tried(TypedDict):
 
 
 ToWorker = Run
-FromWorker = Union[Ready, BootFailure, Started, TaskProgress, Done, TaskFailure]  # noqa: UP007
+FromWorker = Union[Ready, BootFailure, TaskProgress, Done, TaskFailure]  # noqa: UP007
 FROM_WORKER: Final = Channel[FromWorker](
-    "worker message", Ready, BootFailure, Started, TaskProgress, Done, TaskFailure
+    "worker message", Ready, BootFailure, TaskProgress, Done, TaskFailure
 )
 MAX_PROGRESS: Final = 4096  # bytes of a task's progress, packed
 TO_WORKER: Final = Channel[ToWorker]("job", Run)

@@ -26,7 +26,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from pbt_server import __version__
-from pbt_server.sessions import Session, TaskState
+from pbt_server.sessions import Session
 
 if TYPE_CHECKING:
     from pbt_server.pool import Worker, WorkerPool
@@ -121,13 +121,15 @@ def totals(sessions: Iterable[Session], workers: Iterable[Mapping[str, Any]]) ->
 
 def worker_rows(pool: WorkerPool, now: float, *, rss: bool) -> list[dict[str, Any]]:
     """One row per worker slot, then the standby's while there is one."""
-    rows = [_worker_row(slot, worker, now, rss) for slot, worker in enumerate(pool.slots)]
+    rows = [_worker_row(pool, slot, worker, now, rss) for slot, worker in enumerate(pool.slots)]
     if pool.standby is not None:
-        rows.append(_worker_row("standby", pool.standby, now, rss))
+        rows.append(_worker_row(pool, "standby", pool.standby, now, rss))
     return rows
 
 
-def _worker_row(slot: int | str, worker: Worker | None, now: float, rss: bool) -> dict[str, Any]:
+def _worker_row(
+    pool: WorkerPool, slot: int | str, worker: Worker | None, now: float, rss: bool
+) -> dict[str, Any]:
     if worker is None:
         return {
             "slot": slot,
@@ -142,8 +144,8 @@ def _worker_row(slot: int | str, worker: Worker | None, now: float, rss: bool) -
     task = worker.task
     # A timed-out task's worker dumping its stack is still busy with it, for a few ms.
     state = "busy" if worker.state.value == "dumping" else worker.state.value
-    if task is not None and task.state is TaskState.STARTING:
-        state = "starting"  # handed over, not yet acknowledged: its timeout has not started
+    if task is not None and worker.state.value == "busy" and not pool.taken(task):
+        state = "starting"  # handed over, still in the worker's pipe
     started = task.started_at if task is not None else None
     return {
         "slot": slot,

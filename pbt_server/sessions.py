@@ -31,10 +31,17 @@ code: :meth:`Scheduler.renew_executions`).
 Task states (every move happens in one method, named in a comment)::
 
     WAITING --next_task--> STARTING --started--> RUNNING --finish--> COMPLETED | FAILED
-       |                      |                     |
+       ^                      |    |
+       +---worker_lost--------+    +--finish--> COMPLETED | FAILED
+       |   (never taken; once)
        +-------- cancel / set_record / close_page / close_session ----> CANCELLED
+                 (from WAITING, STARTING or RUNNING)
 
     ATTACHED --end_execution--> COMPLETED | FAILED;  --cancel...--> CANCELLED
+
+STARTING is a task handed to a worker, not (yet) found taken off its pipe. Most tasks end
+without anyone looking (``finish`` from STARTING): only a deadline check, the worker's death
+or a protocol fault asks whether the worker had taken it.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from pbt_server.protocol import MAX_PARAMETERS, ErrorLevel
 
 class TaskState(enum.Enum):
     WAITING = "waiting"
-    STARTING = "starting"  # sent to a worker, not yet acknowledged: the clock has not started
+    STARTING = "starting"  # handed to a worker; not yet found taken off its pipe
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -429,7 +436,8 @@ class Scheduler:
         return task
 
     def next_task(self) -> Task | None:
-        """The next task to hand to a free worker, fairly across sessions; it is now STARTING."""
+        """The next task to hand to a free worker, fairly across sessions; it is now
+        STARTING, and its clock runs from now (``started_at``)."""
         while self._fresh or self._ready:
             session = (self._fresh or self._ready).popleft()
             session.in_ready = False
@@ -437,31 +445,40 @@ class Scheduler:
             if task is None:
                 continue
             task.state = TaskState.STARTING  # WAITING -> STARTING
+            task.started_at = self.clock()
+            for attached in task.attached or ():
+                attached.started_at = task.started_at
             session.waiting -= 1
             session.running += 1
             self._mark_ready(session)
             return task
         return None
 
-    def started(self, task: Task) -> None:
-        """The worker acknowledged the task; from now on its timeout runs."""
+    def started(self, task: Task, at: float | None = None) -> None:
+        """The task's worker was found to have taken it: it runs. ``at``: it was taken late
+        (not by its first deadline check), so its clock starts there instead."""
         assert task.state is TaskState.STARTING, task
         task.state = TaskState.RUNNING  # STARTING -> RUNNING
-        task.started_at = self.clock()
-        for attached in task.attached or ():
-            attached.started_at = task.started_at
+        if at is not None:
+            task.started_at = at
+            for attached in task.attached or ():
+                attached.started_at = at
 
     def worker_lost(self, task: Task) -> bool:
-        """The worker a task was handed to died (or was killed for not starting it).
+        """The worker a task was handed to died (or was killed for not taking it).
 
-        A task that had not started (the worker says ``started`` before running the
-        codeunit) goes back to the head of its queue to run elsewhere — once; True. A task
-        that had started, or was put back before, is the caller's to fail; False.
+        A task its worker had not taken off its pipe (still STARTING: the caller marks a
+        taken one :meth:`started` first) never started: it goes back to the head of its
+        queue to run elsewhere — once; True. A task that had started, or was put back
+        before, is the caller's to fail; False.
         """
         if task.state is not TaskState.STARTING or task.requeued:
             return False
         task.state = TaskState.WAITING  # STARTING -> WAITING
         task.requeued = True
+        task.started_at = None  # it waits again; its next hand-over starts its clock
+        for attached in task.attached or ():
+            attached.started_at = None
         session = task.session
         session.running -= 1
         session.waiting += 1

@@ -15,8 +15,8 @@ into a :class:`Counters` that the HTTP server's threads turn into Prometheus tex
 dashboard's JSON (``metrics.py``), so a scrape costs the loop one copy and nothing more.
 
 Times are the loop's clock (monotonic seconds). A task's *wait* is from its enqueue to its
-worker's acknowledgement; its *run*, from that acknowledgement to its outcome. A task
-cancelled before a worker started it has no wait or run; one cancelled while running has a
+hand-over to a worker; its *run*, from that hand-over to its outcome. A task cancelled
+before it was handed to a worker has no wait or run; one cancelled while running has a
 wait but no run (the user cut it short: it says nothing about the codeunit).
 """
 

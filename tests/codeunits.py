@@ -257,11 +257,19 @@ def forge(ctx: ChildSession) -> dict[str, str]:
         while not os.path.exists(ctx.parameters["go"]):
             time.sleep(0.005)
         own = {"op": "done", "gen": spec.gen, "job": job, "results": {"forged": "own"}}
-        started = {"op": "started", "gen": spec.gen, "job": job + 1}
         theirs = {"op": "done", "gen": spec.gen, "job": job + 1, "results": {"forged": "yes"}}
-        os.write(spec.res_w, b"".join(msgpack.packb(m) for m in (own, started, theirs)))
+        os.write(spec.res_w, b"".join(msgpack.packb(m) for m in (own, theirs)))
         time.sleep(5)
         return {}
+    elif kind == "next-job-later":
+        # Its own end; then, once the broker has handed this worker its next job (another
+        # session's: the job pipe turns readable), an answer for it, without reading it.
+        import select
+
+        own = {"op": "done", "gen": spec.gen, "job": job, "results": {"forged": "own"}}
+        os.write(spec.res_w, msgpack.packb(own))
+        select.select([spec.job_r], [], [], 20)
+        forged = {"op": "done", "gen": spec.gen, "job": job + 1, "results": {"forged": "yes"}}
     elif kind == "huge-results":
         forged = {"op": "done", "gen": spec.gen, "job": job, "results": {"x": "y" * (4 << 20)}}
     else:

@@ -5,7 +5,8 @@ Forked by the broker's pool (``multiprocessing`` fork context). Lifecycle::
     prologue (signals, fds, die-with-broker, own process group, child-session marker)
     open the database read-only  --fails-->  "boot_failed" + exit EXIT_BOOT_FAILURE
     take the process baseline; "ready"
-    loop: read "run" -> "started" -> codeunit(ctx) -> check leftovers -> "done" | "failed"
+    loop: read "run" -> codeunit(ctx) -> check leftovers -> "done" | "failed"
+          (nothing is said at the start: the job gone from the pipe is the ack)
     EOF on the job pipe (the broker closed it) -> return normally, so log records flush
 
 A reload's trial process (:func:`run_trial`) runs the same prologue, imports the new code
@@ -214,7 +215,6 @@ def _close(fd: int) -> None:
 
 
 def _run_job(spec: WorkerSpec, db: Database, baseline: Baseline, job: Run) -> None:
-    _write(spec.res_w, {"op": "started", "gen": spec.gen, "job": job["job"]})
     ctx = ChildSession(
         parameters=MappingProxyType(dict(job["parameters"])),
         db=db,

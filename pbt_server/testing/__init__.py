@@ -132,10 +132,9 @@ def _run_in_a_worker(
         if first["op"] == "boot_failed":
             raise BackgroundTaskError(first["text"], code=ChildSessionCode.DB_CONNECTION_LOST)
         os.write(job_w, pack(job))
+        deadline = time.monotonic() + seconds  # from the hand-over, as the broker counts
         os.close(job_w)
         job_w = -1
-        messages.next(_BOOT_TIMEOUT)  # started: the timeout counts from here
-        deadline = time.monotonic() + seconds
         try:
             while (reply := messages.next(deadline - time.monotonic()))["op"] == "progress":
                 if on_progress is not None:

@@ -25,8 +25,8 @@ still complete a fresh task, not have grown its RSS, stop cleanly under a burst 
 behind, and have logged no traceback.
 
 Frozen workers are resumed after ``STOP_HOLD``; one that by then still holds a task (never
-acknowledged, so its timeout clock never started, and no ack deadline gave up on it) is
-reported apart, as a "finding".
+taken off its pipe, so its timeout clock never started, and no ack deadline gave up on it)
+is reported apart, as a "finding".
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ from tests.chaos_codeunits import CHAOS, GENERATION_VARIABLE, SHARED_CODEUNITS, 
 
 MARKER: Final = "PBT_CHAOS_RUN"  # in the broker's environment, inherited by all it starts
 PR_SET_CHILD_SUBREAPER: Final = 36
-# A frozen worker holding a task is dead by then: its task timed out, or (never acknowledged)
-# the broker's ack deadline gave up on it.
+# A frozen worker holding a task is dead by then: its task timed out, or (never taken off its
+# pipe) the broker's ack deadline gave up on it.
 # A frozen worker is given up on after AckTimeout: hold STOPs past both it and the timeout.
 ACK_TIMEOUT: Final = load_config(None, environ={}).workers.ack_timeout_ms / 1000
 STOP_HOLD: Final = max(NORMAL_TIMEOUT_MS / 1000, ACK_TIMEOUT) + 2.5
@@ -394,7 +394,7 @@ class Harness:
                     f"worker {pid} was SIGSTOPped while {state} (task {task}); "
                     f"{now - when:.1f} s later it is alive, {entry['state']}, and holds task "
                     f"{entry['task']}, which never timed out (a task handed to a frozen worker "
-                    "is never acknowledged, so its timeout clock never starts)"
+                    "stays in its pipe, so its timeout clock never starts)"
                 )
                 self.counts["stalled_starts"] += 1
             self.counts["stops_resumed"] += 1
@@ -616,7 +616,7 @@ class Harness:
         self.report.violations += problems
         self.counts.update(counts)
         self.counts["generation"] = self.generation
-        # A kill crashes at most one execution; a stop times out (or, unacknowledged, crashes)
+        # A kill crashes at most one execution; a stop times out (or, never taken, crashes)
         # one (the shared ones count once per execution, however many tasks attached).
         c = self.counts
         if c["unexpected_crash"] + c["unexpected_timeout"] > c["kills"] + c["stops"]:

@@ -147,6 +147,22 @@ def test_words_after_a_tasks_end_cannot_answer_for_the_next_task(start_broker, t
         assert innocent.result(timeout=20) == {"real": "yes"}
 
 
+def test_an_answer_for_a_job_its_worker_never_took_is_refused(start_broker):
+    """A worker's own ``done``, then, once it was handed the next job (another session's),
+    a ``done`` for that job without having read it: the job is still in the pipe, so the
+    answer is refused, the worker killed, and the victim runs for real, elsewhere."""
+    broker = start_broker({"Workers": {"Count": "1"}})
+    with broker.connect() as session, broker.connect() as victim:
+        page = session.open_page("P")
+        forged = page.enqueue_background_task(cu.FORGE, {"kind": "next-job-later"})
+        wait_until(lambda: broker.status()["totals"]["running"] == 1)
+        innocent = victim.open_page("Q").enqueue_background_task(cu.ECHO, {"real": "yes"})
+        assert forged.result(timeout=20) == {"forged": "own"}  # its own end was its own
+        assert innocent.result(timeout=20) == {"real": "yes"}
+    log = broker.wait_for_log("before taking it off its pipe")
+    assert f"task s{victim.id}/t{innocent.id} never started there, so it is requeued" in log
+
+
 def test_a_forked_copy_dies_with_its_worker_even_when_the_broker_is_killed(start_broker, tmp_path):
     """A child made with os.fork carries no child-session mark the next start could find
     (/proc shows the environment of an exec), so it dies with the worker that forked it."""

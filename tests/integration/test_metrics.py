@@ -37,7 +37,7 @@ def address(broker: BrokerProcess) -> str:
 
 
 def running(broker: BrokerProcess, codeunit: int, n: int) -> bool:
-    """``n`` workers have acknowledged a task of ``codeunit`` (their clocks run)."""
+    """``n`` workers hold a task of ``codeunit`` (their clocks run)."""
     workers = operator_status(broker)["workers"]
     return sum(w["codeunit"] == codeunit and w["task_seconds"] is not None for w in workers) == n
 

@@ -43,14 +43,9 @@ def test_a_task_handed_to_a_worker_that_died_meanwhile_runs_elsewhere(start_brok
             dying.exception(timeout=20)  # its result may or may not get out first
             error = innocent.exception(timeout=20)
             if error is not None:
-                # only a task the dying worker had acknowledged may fail with it
+                # only a task the dying worker had taken off its pipe may fail with it
                 assert error.code == "ChildSessionCrashed"
-                started = f"task s{session.id}/t{innocent.id} started in worker"
-
-                def acknowledged(line: str = started) -> bool:
-                    return line in broker.log_text()
-
-                wait_until(acknowledged)
+                broker.wait_for_log(f"task s{session.id}/t{innocent.id} was taken by worker")
     # and the race this is about did happen: a never-started task ran on another worker
     broker.wait_for_log("never started there, so it is requeued")
 
@@ -142,8 +137,9 @@ def test_workers_keep_module_sockets_and_hold_no_client_socket(broker):
 
 
 def test_a_task_handed_to_a_frozen_worker_runs_elsewhere(start_broker):
-    # The task's clock starts at the worker's ack; a SIGSTOPped worker never acks, so the
-    # watchdog gives it ACK_TIMEOUT, kills it and runs the never-started task elsewhere.
+    # A SIGSTOPped worker never takes the job off its pipe: the task has not started (its
+    # timeout never runs out), the watchdog gives the worker ACK_TIMEOUT, kills it and
+    # runs the never-started task elsewhere.
     broker = start_broker({"Workers": {"Count": "1"}})
     frozen = broker.worker_pids()[0]  # slot 0 (the standby comes last)
     os.kill(frozen, signal.SIGSTOP)
@@ -152,7 +148,7 @@ def test_a_task_handed_to_a_frozen_worker_runs_elsewhere(start_broker):
             task = session.open_page("P").enqueue_background_task(cu.CONTEXT, timeout=300)
             assert int(task.result(timeout=20)["pid"]) != frozen
         wait_until(lambda: not alive(frozen))
-        broker.wait_for_log("did not start the task within 5 s")
+        broker.wait_for_log("did not take the task off its pipe within 5 s")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGCONT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -34,7 +35,7 @@ def test_timeout_kills_the_worker_and_reports_ChildSessionTaskTimeout(broker):
         elapsed = time.monotonic() - started
         assert caught.value.code == "ChildSessionTaskTimeout"
         assert caught.value.text == "Child Session task was terminated because of a timeout."
-        # never before the deadline (the clock starts at the worker's ack, after enqueue)
+        # never before the deadline (the clock starts at the hand-over, after enqueue)
         assert elapsed >= 0.3
         wait_until(lambda: errors)
         assert errors[0][:2] == (task.id, "ChildSessionTaskTimeout")
@@ -237,3 +238,34 @@ def test_the_stack_dump_survives_a_task_that_reset_its_signal(start_broker):
         assert error.code == "ChildSessionTaskTimeout"
         assert "in spin" in error.call_stack, error.call_stack
         assert first["pid"]  # the same worker ran both: the first left nothing Python sees
+
+
+@pytest.mark.parametrize("resume_after", [0.7, 1.5])  # before / after the 1 s deadline
+def test_a_task_its_worker_takes_late_gets_its_whole_timeout_from_the_take(
+    start_broker, resume_after
+):
+    # A worker frozen before it takes its job (a machine too loaded to schedule it): the
+    # task has not started, so it is not timed out at its deadline; once the worker takes
+    # it, the task runs its timeout from there (within AckTimeout, 5 s here).
+    broker = start_broker({"Workers": {"Count": "1"}})
+    frozen = broker.worker_pids()[0]  # slot 0 (the standby comes last)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        with broker.connect() as session:
+            page = session.open_page("P")
+            handed = time.monotonic()
+            task = page.enqueue_background_task(cu.SLEEP, {"seconds": "0.5"}, timeout=1000)
+
+            def slot_state() -> str:
+                return str(broker.status()["workers"][0]["state"])
+
+            wait_until(lambda: slot_state() == "starting")  # handed over, still in its pipe
+            while time.monotonic() < handed + resume_after:  # time itself is what we wait for
+                time.sleep(0.05)
+            assert slot_state() == "starting"
+            os.kill(frozen, signal.SIGCONT)
+            assert task.result(timeout=20)["pid"] == str(frozen)  # not ChildSessionTaskTimeout
+        broker.wait_for_log(f"task s{session.id}/t{task.id} was taken by worker")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)

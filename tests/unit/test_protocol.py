@@ -106,7 +106,8 @@ def test_bad_requests_name_what_is_wrong(message, error):
         ({"op": "done", "gen": 1, "job": 2, "results": {"a": 1}}, "not text -> text"),
         ({"op": "done", "gen": 1, "job": 2, "results": [1]}, "must be a map"),
         ({"op": "failed", "gen": 1, "job": 2, "code": "X", "text": "t"}, "missing field 'stack'"),
-        ({"op": "started", "gen": -1, "job": 2}, "'gen' must be a non-negative int64"),
+        ({"op": "progress", "gen": -1, "job": 2, "progress": {}}, "'gen' must be a non-negative"),
+        ({"op": "started", "gen": 1, "job": 2}, "unknown worker message op 'started'"),
         ({"op": "hijack", "gen": 1}, "unknown worker message op 'hijack'"),
     ],
 )

@@ -210,7 +210,7 @@ def test_unknown_codeunit_is_refused():
         enqueue(s, session, codeunit=77)
 
 
-def test_started_records_the_ack_time_not_the_enqueue_time():
+def test_a_tasks_clock_starts_at_the_hand_over_not_the_enqueue():
     clock = FakeClock()
     s = make(clock=clock)
     session = s.open_session()
@@ -219,9 +219,21 @@ def test_started_records_the_ack_time_not_the_enqueue_time():
     clock.advance(5)
     s.next_task()
     clock.advance(1)
-    s.started(task)
+    s.started(task)  # found taken at its first check: the clock stays at the hand-over
     assert task.enqueued_at == 1000.0
-    assert task.started_at == 1006.0
+    assert task.started_at == 1005.0
+
+
+def test_a_task_taken_late_has_its_clock_start_where_the_take_was_seen():
+    clock = FakeClock()
+    s = make(clock=clock)
+    session = s.open_session()
+    s.open_page(session, "P", "")
+    task = enqueue(s, session)
+    s.next_task()
+    s.started(task, at=1002.5)  # still in the worker's pipe at its deadline, taken later
+    assert task.started_at == 1002.5
+    assert task.state is TaskState.RUNNING
 
 
 def test_a_task_whose_worker_died_before_starting_it_goes_back_to_the_head_once():
@@ -230,7 +242,8 @@ def test_a_task_whose_worker_died_before_starting_it_goes_back_to_the_head_once(
     s.open_page(session, "P", "")
     first, second = enqueue(s, session), enqueue(s, session)
     assert s.next_task() is first
-    assert s.worker_lost(first)  # never acknowledged: requeued
+    assert s.worker_lost(first)  # never taken off its worker's pipe: requeued
+    assert first.started_at is None  # its clock starts again at its next hand-over
     assert (session.running, session.waiting) == (0, 2)
     assert s.next_task() is first  # ahead of `second`
     assert first.requeued
