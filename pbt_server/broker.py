@@ -644,19 +644,18 @@ class Broker:
         now): it runs, and its worker's death fails it instead of requeueing it."""
         self.scheduler.started(task, at)
         if log.isEnabledFor(logging.DEBUG):
-            worker = self.pool.worker_of(task)
-            pid = worker.pid if worker is not None else 0
+            worker = self.pool.worker_of(task)  # None once it ended (died, or was killed)
             task_event(
                 log,
                 logging.DEBUG,
                 Event.TAKEN,
                 task,
-                "task s%d/t%d was taken by worker %d%s",
+                "task s%d/t%d was taken by %s%s",
                 task.session.id,
                 task.id,
-                pid,
+                f"worker {worker.pid}" if worker is not None else "its worker, which has ended",
                 " late: its clock starts now" if at is not None else "",
-                worker=pid,
+                worker=worker.pid if worker is not None else None,
             )
 
     def task_progress(self, task: Task, progress: dict[str, str]) -> None:

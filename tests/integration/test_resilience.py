@@ -64,7 +64,7 @@ def test_a_worker_dying_as_it_takes_its_next_task_fails_only_a_task_it_took(star
             error = innocent.exception(timeout=20)
             if error is not None:
                 assert error.code == "ChildSessionCrashed"
-                broker.wait_for_log(f"task s{session.id}/t{innocent.id} was taken by worker")
+                broker.wait_for_log(f"task s{session.id}/t{innocent.id} was taken by its worker")
 
 
 def test_connections_beyond_max_connections_are_refused(start_broker):

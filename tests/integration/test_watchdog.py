@@ -265,7 +265,7 @@ def test_a_task_its_worker_takes_late_gets_its_whole_timeout_from_the_take(
             assert slot_state() == "starting"
             os.kill(frozen, signal.SIGCONT)
             assert task.result(timeout=20)["pid"] == str(frozen)  # not ChildSessionTaskTimeout
-        broker.wait_for_log(f"task s{session.id}/t{task.id} was taken by worker")
+        broker.wait_for_log(f"task s{session.id}/t{task.id} was taken by worker {frozen} late")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGCONT)
