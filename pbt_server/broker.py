@@ -547,12 +547,13 @@ class Broker:
             self._dispatch()
         return [task.id for task in tasks]
 
-    def _end_running(self, task: Task, cause: End, text: str) -> None:
+    def _end_running(self, task: Task, cause: End, text: str, *, taken: bool = False) -> None:
         """A task handed to a worker ends without the worker's answer, for any cause.
 
         The watchdog's timer goes; the worker is killed (a crashed one is dead already) and
         its slot refilled; then the task fails, is requeued (it never started, so it may run
         elsewhere, once), or — for a cancel — was already cancelled by the scheduler.
+        ``taken``: a crashed worker had taken the task off its pipe (a kill measures it).
         """
         self.watchdog.disarm(task)
         reason = f"task s{task.session.id}/t{task.id}: {text}"
@@ -561,8 +562,8 @@ class Broker:
             return
         if cause is not End.CRASH:
             taken = self.pool.abort(task, reason, cause.name.lower())
-            if taken and task.state is TaskState.STARTING:
-                self._found_started(task)  # taken since the watchdog looked: not requeued
+        if taken and task.state is TaskState.STARTING:
+            self._found_started(task)  # it may have run: failed, never requeued
         match cause:
             case End.MEMORY:
                 code = ChildSessionCode.MEMORY_LIMIT
@@ -725,9 +726,7 @@ class Broker:
         self._dispatch()
 
     def task_lost(self, task: Task, how: str, *, taken: bool) -> None:
-        if taken and task.state is TaskState.STARTING:
-            self._found_started(task)
-        self._end_running(task, End.CRASH, how)
+        self._end_running(task, End.CRASH, how, taken=taken)
 
     def pool_broken(self, reason: str) -> None:
         log.critical("worker pool broken: %s", reason)
